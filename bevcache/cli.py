@@ -1,0 +1,188 @@
+"""The `bevcache` command: parse, call the library, report. BevcacheError becomes one line + exit 1."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+
+import click
+
+from . import __version__
+from .errors import BevcacheError
+
+
+def _friendly(fn):
+    """Turn bevcache's own errors into `error: <message>` and a non-zero exit."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except BevcacheError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="bevcache")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
+    """Distil mmdet3d detectors from a teacher that runs once: extract, then train."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s bevcache %(levelname)s: %(message)s", datefmt="%H:%M:%S")
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--samples", type=click.IntRange(min=1), default=200, show_default=True, help="Training samples.")
+@click.option("--val-samples", type=click.IntRange(min=1), default=None, help="Validation samples [default: samples/4].")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--sweeps", type=click.IntRange(min=0), default=0, show_default=True, help="LiDAR sweeps per sample.")
+@_friendly
+def synth(out_dir: str, samples: int, val_samples: int | None, seed: int, sweeps: int) -> None:
+    """Write a synthetic nuScenes-format data root (points, v2 infos, nuScenes tables)."""
+    from .synth import generate
+
+    summary = generate(out_dir, num_train=samples, num_val=val_samples or max(samples // 4, 2), seed=seed,
+                       sweeps=sweeps, progress=True)
+    click.echo(json.dumps(summary, indent=2, default=str))
+
+
+@main.command()
+@click.option("--config", "config", required=True, type=click.Path(), help="Teacher config (mmengine).")
+@click.option("--checkpoint", type=click.Path(), default=None, help="Teacher weights.")
+@click.option("--out", default=None, help="Store path or URL [default: work_dirs/<config>/features.zarr].")
+@click.option("--layers", default=None, help="Comma-separated module paths [default: pts_neck].")
+@click.option("--pooling", type=click.Choice(["avg", "max", "avgmax"]), default=None)
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default=None)
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default=None)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None)
+@click.option("--num-workers", type=click.IntRange(min=0), default=None)
+@click.option("--chunk-rows", type=click.IntRange(min=1), default=None, help="Rows per chunk (= resumable block).")
+@click.option("--cfg-options", multiple=True, help="key=value overrides of the config (repeatable).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted store.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store.")
+@click.option("--launcher", type=click.Choice(["none", "pytorch"]), default="none")
+@click.option("--device", default=None, help="e.g. cpu, cuda:0 [default: cuda when available].")
+@click.option("--data-root", default=None, help="Use this data root instead of the config's.")
+@_friendly
+def extract(**kwargs) -> None:
+    """Run the frozen teacher once and cache pooled layer features in a Zarr store."""
+    from .extract import ExtractOptions, extract as run
+
+    kwargs["cfg_options"] = list(kwargs["cfg_options"])
+    info = run(ExtractOptions(**kwargs))
+    click.echo(f"store {info['url']}: {info['num_complete']}/{info['num_samples']} rows, "
+               f"{_size(info.get('bytes_on_disk'))} on disk, layers "
+               + ", ".join(f"{k}[{v['dim']}]" for k, v in info["layers"].items()))
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "? bytes"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)
+
+
+@main.command()
+@click.argument("store")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+@_friendly
+def info(store: str, as_json: bool) -> None:
+    """Describe a feature store."""
+    from .store import open_store
+
+    data = open_store(store).info()
+    if as_json:
+        click.echo(json.dumps(data, default=str))
+        return
+    click.echo(f"store      {data['url']}")
+    click.echo(f"rows       {data['num_complete']}/{data['num_samples']} complete")
+    for name, layer in data["layers"].items():
+        click.echo(f"layer      {name}: dim {layer['dim']}, {layer['dtype']}, {layer['pooling']} pooling")
+    click.echo(f"teacher    {json.dumps(data.get('teacher'), default=str)}")
+    click.echo(f"dataset    {json.dumps(data.get('dataset'), default=str)}")
+    ratio = data.get("compression_ratio")
+    click.echo(f"size       {_size(data.get('bytes_on_disk'))}" + (f" (compression {ratio:.2f}x)" if ratio else ""))
+
+
+@main.command()
+@click.argument("store")
+@click.option("--config", default=None, type=click.Path(), help="Check the store matches this config's dataset too.")
+@click.option("--cfg-options", multiple=True)
+@click.option("--data-root", default=None, help="Use this data root instead of the config's.")
+@_friendly
+def verify(store: str, config: str | None, cfg_options: tuple[str, ...], data_root: str | None) -> None:
+    """Read every chunk (checksums), check completeness, NaN/Inf and (with --config) the dataset."""
+    from .errors import StoreMismatch
+    from .store import fingerprint_tokens, open_store
+
+    handle = open_store(store)
+    problems = handle.verify()
+    if config:
+        from .data import build_base_dataset, dataset_identity, test_pipeline
+        from .runtime import load_config, setup_runtime
+
+        setup_runtime()
+        cfg = load_config(config, cfg_options)
+        if data_root:
+            from .data import set_data_root
+
+            set_data_root(cfg, data_root)
+        dataset = build_base_dataset(cfg, handle.attrs.get("split", "train"), pipeline=test_pipeline(cfg))
+        try:
+            handle.check_matches(dataset=fingerprint_tokens(dataset_identity(dataset)[0]))
+        except StoreMismatch as exc:
+            problems.append(str(exc))
+    if problems:
+        for p in problems:
+            click.echo(f"FAIL: {p}", err=True)
+        sys.exit(1)
+    click.echo(f"OK: {store} ({handle.num_samples} rows, every chunk read and checksummed)")
+
+
+@main.command()
+@click.option("--student", required=True, type=click.Path(), help="Student config (mmengine).")
+@click.option("--cache", default=None, help="Store from `bevcache extract` [default: the config's distill.cache].")
+@click.option("--work-dir", default=None)
+@click.option("--resume", "resume", is_flag=False, flag_value="auto", default=None,
+              help="Resume from CKPT, or from the latest checkpoint in the work dir when no value is given.")
+@click.option("--cfg-options", multiple=True, help="key=value overrides of the student config.")
+@click.option("--distill", "distill_options", multiple=True, help="key=value overrides of distill settings (alpha=0.5).")
+@click.option("--launcher", type=click.Choice(["none", "pytorch"]), default="none")
+@click.option("--amp", is_flag=True, help="Mixed precision (CUDA).")
+@click.option("--teacher-online", default=None, type=click.Path(), help="Reference: run this teacher every step instead of a cache.")
+@click.option("--teacher-checkpoint", default=None, type=click.Path())
+@click.option("--plain", is_flag=True, help="Ignore any distill section: the baseline student.")
+@click.option("--data-root", default=None, help="Use this data root instead of the config's.")
+@_friendly
+def train(**kwargs) -> None:
+    """Train the student with its task loss + alpha * CRD against cached teacher features."""
+    from .train import TrainOptions, train as run
+
+    kwargs["cfg_options"] = list(kwargs["cfg_options"])
+    kwargs["distill_options"] = list(kwargs["distill_options"])
+    runner = run(TrainOptions(**kwargs))
+    click.echo(f"work dir {runner.work_dir}")
+
+
+@main.command("export-student")
+@click.argument("checkpoint", type=click.Path())
+@click.argument("out", type=click.Path())
+@_friendly
+def export_student(checkpoint: str, out: str) -> None:
+    """Save the plain student weights of a bevcache checkpoint (loadable without bevcache)."""
+    from .train import export_student as run
+
+    click.echo(run(checkpoint, out))
+
+
+if __name__ == "__main__":
+    main()

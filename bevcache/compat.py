@@ -1,0 +1,34 @@
+"""The one place that patches a third-party library, applied when bevcache is imported.
+
+spconv 2.3.8's sparse-conv backward calls `torch.cuda.current_stream()` unconditionally, which
+fails on a CPU-only torch ("Torch not compiled with CUDA enabled") although the CPU kernels never
+use the stream. On CPU-only builds we make `get_current_stream` return 0; with CUDA it is a no-op.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+_SPCONV_MODULES = ("spconv.pytorch.cppcore", "spconv.pytorch.ops", "spconv.pytorch.utils", "spconv.pytorch.hash")
+
+
+def _no_stream() -> int:
+    return 0
+
+
+def patch_spconv_for_cpu() -> bool:
+    """Apply the CPU stream shim to spconv if needed; returns True when patched."""
+    if torch.cuda.is_available():
+        return False
+    patched = False
+    for name in _SPCONV_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # spconv absent: pillar models need no sparse conv
+            return False
+        if hasattr(module, "get_current_stream"):
+            module.get_current_stream = _no_stream
+            patched = True
+    return patched

@@ -1,0 +1,125 @@
+"""The training-time model: a student plus CRD against cached (or, for reference, live) teacher vectors.
+
+Registered in mmdet3d's MODELS as `CRDDistiller`, so mmengine's Runner trains it like any
+detector (optimizer wrapper, schedulers, logging, checkpoints, resume, AMP, DDP). `forward` in
+`loss` mode returns the student's own `loss_*` entries plus `loss_crd_<layer>` = alpha * CRD.
+Cached mode builds no teacher: the store's tables are loaded once onto the training device and
+indexed by each sample's base dataset index (checked against the stored token).
+"""
+
+from __future__ import annotations
+
+import torch
+from mmdet3d.registry import MODELS
+from mmengine.model import BaseModel
+from torch import Tensor, nn
+
+from .crd import CRDLoss
+from .data import batch_rows
+from .errors import ConfigError
+from .features import LayerRecorder, pool_output
+
+
+def _key(layer: str) -> str:
+    return layer.replace(".", "__")
+
+
+@MODELS.register_module()
+class CRDDistiller(BaseModel):
+    """Student + per-layer CRD; the teacher side comes from a store (`cache`) or a live `teacher`."""
+
+    def __init__(
+        self,
+        *,
+        student: dict,
+        layers: dict[str, str],
+        student_dims: dict[str, int],
+        teacher_dims: dict[str, int],
+        num_data: int,
+        pooling: str | dict[str, str] = "avg",
+        alpha: float = 1.0,
+        feat_dim: int = 128,
+        nce_k: int = 16384,
+        nce_t: float = 0.07,
+        nce_m: float = 0.5,
+        z_momentum: float | None = None,
+        cache: str | None = None,
+        teacher: dict | None = None,
+        teacher_checkpoint: str | None = None,
+        init_cfg: dict | None = None,
+    ) -> None:
+        # Data is preprocessed by the student's (and teacher's) own preprocessors in forward:
+        # their voxelisation settings may differ. Ours only moves data to the device.
+        super().__init__(data_preprocessor=dict(type="mmengine.BaseDataPreprocessor"), init_cfg=init_cfg)
+        if alpha < 0:
+            raise ConfigError(f"distill.alpha must be >= 0. Got {alpha}.")
+        if (cache is None) == (teacher is None):
+            raise ConfigError("CRDDistiller needs exactly one of `cache` (a store) or `teacher` (online).")
+        self.layers = dict(layers)
+        self.alpha = float(alpha)
+        self.pooling = {s: pooling if isinstance(pooling, str) else pooling[s] for s in self.layers}
+        self.student = MODELS.build(student)
+        self.student_recorder = LayerRecorder(self.student, self.layers)
+        self.crd = nn.ModuleDict({
+            _key(s): CRDLoss(student_dim=student_dims[s], teacher_dim=teacher_dims[t], num_data=num_data,
+                             feat_dim=feat_dim, nce_k=nce_k, nce_t=nce_t, nce_m=nce_m, z_momentum=z_momentum)
+            for s, t in self.layers.items()
+        })
+        self.teacher = None
+        if cache is not None:
+            from .store import open_store
+
+            store = open_store(cache)
+            self.store_tokens = list(store.tokens)
+            for t in set(self.layers.values()):
+                # Non-persistent: follows .to(device), never written into checkpoints.
+                self.register_buffer(f"teacher_table__{_key(t)}", store.read_table(t), persistent=False)
+        else:
+            from .extract import build_teacher
+
+            with torch.random.fork_rng(devices=[]):  # the teacher's init must not shift the student's RNG
+                from mmengine.config import ConfigDict
+
+                self.teacher = build_teacher(ConfigDict(model=teacher), teacher_checkpoint, torch.device("cpu"))
+            self.teacher_recorder = LayerRecorder(self.teacher, set(self.layers.values()), stop_early=True)
+
+    def train(self, mode: bool = True) -> CRDDistiller:
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # frozen: BN statistics never move
+        return self
+
+    def _teacher_features(self, inputs: dict, data_samples: list, rows: Tensor) -> dict[str, Tensor]:
+        if self.teacher is None:
+            return {t: getattr(self, f"teacher_table__{_key(t)}")[rows] for t in set(self.layers.values())}
+        data = self.teacher.data_preprocessor({"inputs": inputs, "data_samples": data_samples}, False)
+        with torch.no_grad():
+            self.teacher_recorder.run(self.teacher, **data, mode="predict")
+            outputs = self.teacher_recorder.outputs
+            return {t: pool_output(outputs[t], self.pooling_of_teacher(t), len(data_samples)) for t in outputs}
+
+    def pooling_of_teacher(self, teacher_layer: str) -> str:
+        return next(self.pooling[s] for s, t in self.layers.items() if t == teacher_layer)
+
+    def forward(self, inputs: dict, data_samples: list | None = None, mode: str = "tensor"):
+        data = self.student.data_preprocessor({"inputs": inputs, "data_samples": data_samples}, mode == "loss")
+        if mode != "loss":
+            result = self.student(**data, mode=mode)
+            self.student_recorder.outputs.clear()
+            return result
+        losses = self.student.loss(**data)
+        student_feats = self.student_recorder.pooled(self.pooling, len(data_samples))
+        self.student_recorder.outputs.clear()
+        tokens = getattr(self, "store_tokens", None)
+        if tokens is None:  # online: no store to check against; rows are still the base indices
+            rows = torch.as_tensor([int(s.metainfo["sample_idx"]) for s in data_samples], device=student_feats[next(iter(self.layers))].device)
+        else:
+            rows = batch_rows(data_samples, tokens, device=student_feats[next(iter(self.layers))].device)
+        teacher_feats = self._teacher_features(inputs, data_samples, rows)
+        for s, t in self.layers.items():
+            losses[f"loss_crd_{s}"] = self.alpha * self.crd[_key(s)](student_feats[s], teacher_feats[t], rows)
+        return losses
+
+    def student_state_dict(self) -> dict[str, Tensor]:
+        """The plain student's weights, loadable by the student config without bevcache."""
+        return {k[len("student."):]: v for k, v in self.state_dict().items() if k.startswith("student.")}

@@ -1,0 +1,26 @@
+"""Named failures. Each message says what was expected, what was found and what to do;
+the CLI prints them as one line and exits non-zero."""
+
+
+class BevcacheError(Exception):
+    """Base class: an error the user can act on (never a bug inside bevcache)."""
+
+
+class ConfigError(BevcacheError):
+    """A config, option or argument is missing or invalid."""
+
+
+class LayerError(BevcacheError):
+    """A requested layer does not exist or produced no output."""
+
+
+class StoreError(BevcacheError):
+    """A feature store is missing, unreadable, corrupt or incomplete."""
+
+
+class StoreMismatch(StoreError):
+    """A store exists but belongs to another dataset, teacher or layer set."""
+
+
+class FeatureValueError(BevcacheError):
+    """A teacher produced NaN/Inf; the sample index is named so nothing garbage is cached."""

@@ -1,0 +1,300 @@
+"""Stage one: run the frozen teacher once over a split and write pooled layers to a store.
+
+Work is done in the store's chunk-aligned row blocks: a block is written (all layers, then the
+completion mask) only when all its rows are computed, by a background writer thread so the disk
+never stalls the teacher. Under torchrun each rank takes every world_size-th pending block, so
+no two processes ever write the same chunk; rank 0 alone creates the store and finishes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .data import build_base_dataset, dataset_identity, set_data_root, test_pipeline
+from .errors import ConfigError, FeatureValueError, StoreError
+from .features import POOLINGS, LayerRecorder
+from .runtime import load_config, resolve_device, setup_runtime
+from .store import LayerSpec, create_store, fingerprint_tokens, open_store, store_exists
+
+log = logging.getLogger("bevcache")
+
+DEFAULTS = dict(layers=["pts_neck"], pooling="avg", dtype="float16", split="train", batch_size=1,
+                num_workers=2, chunk_rows=256)
+
+
+@dataclass
+class ExtractOptions:
+    """What `bevcache extract` was asked to do; None means: the config's `bevcache` section, else DEFAULTS."""
+
+    config: str
+    checkpoint: str | None = None
+    out: str | None = None
+    layers: Sequence[str] | None = None
+    pooling: str | None = None
+    dtype: str | None = None
+    split: str | None = None
+    batch_size: int | None = None
+    num_workers: int | None = None
+    chunk_rows: int | None = None
+    cfg_options: Sequence[str] = field(default_factory=tuple)
+    resume: bool = False
+    overwrite: bool = False
+    launcher: str = "none"
+    device: str | None = None
+    data_root: str | None = None
+    progress: bool = True
+
+
+def file_sha256(path: str) -> str:
+    """sha256 of a file, streamed."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_hash(cfg) -> str:
+    """Hash of the model section only: moving data_root does not make a teacher different."""
+    text = json.dumps(cfg.to_dict()["model"], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def build_teacher(cfg, checkpoint: str | None, device: torch.device) -> torch.nn.Module:
+    """Build a frozen, eval-mode model from a config and (optionally) a checkpoint."""
+    from mmdet3d.registry import MODELS
+    from mmengine.runner import load_checkpoint
+
+    try:
+        model = MODELS.build(cfg.model)
+    except Exception as exc:
+        raise ConfigError(f"cannot build the model of the config: {type(exc).__name__}: {exc}") from None
+    if checkpoint:
+        if not Path(checkpoint).is_file():
+            raise ConfigError(f"checkpoint not found: {checkpoint}")
+        try:
+            load_checkpoint(model, checkpoint, map_location="cpu", strict=True, logger="silent")
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[:3]
+            raise ConfigError(
+                f"checkpoint {checkpoint} does not fit the config's model ({' '.join(first)}). "
+                "Pass the checkpoint trained with this config."
+            ) from None
+    else:
+        log.warning("no --checkpoint: caching features of a randomly initialised teacher")
+    return model.to(device).eval().requires_grad_(False)
+
+
+def block_batches(blocks: Sequence[tuple[int, int]], batch_size: int) -> list[list[int]]:
+    """Batches that never straddle a block, so every block is finished by whole batches."""
+    return [list(range(s, min(s + batch_size, stop))) for start, stop in blocks for s in range(start, stop, batch_size)]
+
+
+def teacher_batches(model, dataset, batches: list[list[int]], num_workers: int) -> Iterator[tuple[list[int], dict]]:
+    """Yield (indices, preprocessed batch) over the given index batches (shared with the benchmark)."""
+    from mmengine.dataset import pseudo_collate
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=pseudo_collate)
+    for indices, batch in zip(batches, loader):
+        yield indices, model.data_preprocessor(batch, False)
+
+
+def pooled_teacher_features(model, recorder: LayerRecorder, data: dict, pooling: str) -> dict[str, torch.Tensor]:
+    """Forward one preprocessed batch (cut short after the last hooked layer) and pool it."""
+    with torch.inference_mode():
+        recorder.run(model, **data, mode="predict")
+        return recorder.pooled(pooling, len(data["data_samples"]))
+
+
+class _BlockWriter:
+    """Background thread writing finished blocks; a bounded queue keeps memory flat."""
+
+    def __init__(self, store, depth: int = 2):
+        self.store = store
+        # Fault injection for the crash tests: SIGKILL this process after N durable blocks.
+        self.kill_after = int(os.environ.get("BEVCACHE_KILL_AFTER_BLOCKS", 0))
+        self.blocks_written = 0
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.rows_written = 0
+        self.thread = threading.Thread(target=self._run, name="bevcache-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.store.write_block(item[0], item[1])
+                    self.rows_written += len(next(iter(item[1].values())))
+                    self.blocks_written += 1
+                    if self.blocks_written == self.kill_after:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                except BaseException as exc:  # surfaced in the main thread by put()/close()
+                    self.error = exc
+
+    def put(self, start: int, features: dict[str, np.ndarray]) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((start, features))
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _settings(opts: ExtractOptions, cfg) -> dict:
+    section = dict(cfg.get("bevcache", {}) or {})
+    merged = {**DEFAULTS, **{k: v for k, v in section.items() if k in DEFAULTS}}
+    for key in DEFAULTS:
+        value = getattr(opts, key)
+        if value is not None:
+            merged[key] = value
+    if isinstance(merged["layers"], str):
+        merged["layers"] = [x for x in merged["layers"].split(",") if x]
+    if merged["pooling"] not in POOLINGS:
+        raise ConfigError(f"pooling must be one of {list(POOLINGS)}. Got {merged['pooling']!r}.")
+    if merged["dtype"] not in ("float16", "float32"):
+        raise ConfigError(f"dtype must be one of ['float16', 'float32']. Got {merged['dtype']!r}.")
+    if int(merged["batch_size"]) < 1 or int(merged["chunk_rows"]) < 1:
+        raise ConfigError("batch_size and chunk_rows must be positive integers.")
+    merged["out"] = opts.out or section.get("out") or f"work_dirs/{Path(opts.config).stem}/features.zarr"
+    return merged
+
+
+def _open_or_create(opts: ExtractOptions, settings: dict, *, layers: list[LayerSpec], tokens, sample_idx,
+                    metadata: dict, rank: int):
+    url = settings["out"]
+    exists = store_exists(url)
+    if rank == 0:
+        if exists and not (opts.resume or opts.overwrite):
+            raise StoreError(f"a store already exists at {url}: pass --resume to continue it or --overwrite to replace it.")
+        if exists and opts.resume:
+            store = open_store(url, mode="r+")
+            store.check_matches(dataset=metadata["dataset"], teacher=metadata["teacher"], layers=layers)
+        else:
+            store = create_store(url, num_samples=len(tokens), layers=layers, dtype=settings["dtype"],
+                                 tokens=tokens, sample_idx=sample_idx, metadata=metadata,
+                                 chunk_rows=int(settings["chunk_rows"]), overwrite=exists)
+    _barrier()
+    return store if rank == 0 else open_store(url, mode="r+")
+
+
+def _barrier() -> None:
+    from mmengine.dist import barrier
+
+    barrier()
+
+
+def extract(opts: ExtractOptions) -> dict:
+    """Run extraction as described by opts; returns the store's info()."""
+    from mmengine.dist import get_dist_info, init_dist
+
+    if opts.resume and opts.overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other: choose one.")
+    setup_runtime()
+    cfg = load_config(opts.config, opts.cfg_options)
+    if opts.data_root:
+        set_data_root(cfg, opts.data_root)
+    if opts.launcher != "none":
+        init_dist(opts.launcher, backend="nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = get_dist_info()
+    settings = _settings(opts, cfg)
+    device = resolve_device(opts.device)
+
+    model = build_teacher(cfg, opts.checkpoint, device)
+    dataset = build_base_dataset(cfg, settings["split"], pipeline=test_pipeline(cfg))
+    tokens, sample_idx = dataset_identity(dataset)
+    recorder = LayerRecorder(model, settings["layers"], stop_early=True)
+
+    # One sample through the teacher tells each layer's pooled width before the store exists.
+    _, probe = next(teacher_batches(model, dataset, [[0]], num_workers=0))
+    dims = {k: v.shape[1] for k, v in pooled_teacher_features(model, recorder, probe, settings["pooling"]).items()}
+    layers = [LayerSpec(name=n, dim=int(dims[n]), pooling=settings["pooling"]) for n in settings["layers"]]
+    metadata = {
+        "bevcache_version": __version__,
+        "split": settings["split"],
+        "dataset": fingerprint_tokens(tokens),
+        "teacher": {
+            "config": str(Path(opts.config)),
+            "model_hash": model_hash(cfg),
+            "checkpoint": str(opts.checkpoint) if opts.checkpoint else None,
+            "checkpoint_sha256": file_sha256(opts.checkpoint) if opts.checkpoint else None,
+        },
+        "teacher_config": cfg.pretty_text,
+        "pipeline": "test",
+        "created": datetime.now(timezone.utc).isoformat(),
+        "world_size": world,
+    }
+    store = _open_or_create(opts, settings, layers=layers, tokens=tokens, sample_idx=sample_idx,
+                            metadata=metadata, rank=rank)
+    my_blocks = store.pending_blocks()[rank::world]
+    batches = block_batches(my_blocks, int(settings["batch_size"]))
+    total = sum(stop - start for start, stop in my_blocks)
+    log.info("extracting %d rows (%d blocks) of %s to %s on %s, rank %d/%d", total, len(my_blocks),
+             settings["layers"], settings["out"], device, rank, world)
+
+    progress = None
+    if opts.progress and rank == 0 and total:
+        from tqdm import tqdm
+
+        progress = tqdm(total=total, unit="sample", desc="extract", dynamic_ncols=True)
+    writer = _BlockWriter(store)
+    block_of = {start: (start, stop) for start, stop in my_blocks}
+    pending: dict[str, list[np.ndarray]] = {}
+    block_start, t0 = None, time.perf_counter()
+    try:
+        for indices, data in teacher_batches(model, dataset, batches, int(settings["num_workers"])):
+            if indices[0] in block_of:  # first batch of a new block
+                block_start, pending = indices[0], {n: [] for n in settings["layers"]}
+            feats = pooled_teacher_features(model, recorder, data, settings["pooling"])
+            for name, value in feats.items():
+                value = value.float().cpu().numpy()
+                bad = ~np.isfinite(value).all(axis=1)
+                if bad.any():
+                    raise FeatureValueError(
+                        f"layer {name!r} is NaN/Inf for dataset index {indices[int(np.argmax(bad))]}: "
+                        "the teacher checkpoint or input is broken; nothing of this block was written."
+                    )
+                pending[name].append(value)
+            if indices[-1] + 1 == block_of[block_start][1]:
+                writer.put(block_start, {n: np.concatenate(v) for n, v in pending.items()})
+            if progress:
+                progress.update(len(indices))
+    except KeyboardInterrupt:
+        writer.close()
+        raise StoreError(f"interrupted: {writer.rows_written} rows are durable in {settings['out']}; "
+                         "run again with --resume to finish.") from None
+    finally:
+        recorder.remove()
+        if progress:
+            progress.close()
+    writer.close()
+    elapsed = time.perf_counter() - t0
+    _barrier()
+    if rank == 0:
+        store = open_store(settings["out"], mode="r+")
+        if store.complete_mask().all():
+            store.set_attrs(finished=datetime.now(timezone.utc).isoformat())
+    info = open_store(settings["out"]).info()
+    info["rows_this_run"] = total
+    info["seconds"] = elapsed
+    info["samples_per_second"] = total / elapsed if elapsed > 0 and total else None
+    return info

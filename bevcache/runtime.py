@@ -1,0 +1,73 @@
+"""Process set-up shared by every command: registries, the spconv shim, configs, devices."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError
+
+_READY = False
+
+
+def setup_runtime() -> None:
+    """Register mmdet3d and bevcache modules and apply the CPU shim (idempotent)."""
+    global _READY
+    if _READY:
+        return
+    from mmdet3d.utils import register_all_modules
+    from mmengine.registry import init_default_scope
+
+    from . import compat
+
+    register_all_modules(init_default_scope=False)
+    init_default_scope("mmdet3d")
+    compat.patch_spconv_for_cpu()
+    from . import distiller, evaluation  # noqa: F401  (registers CRDDistiller, SafeNuScenesMetric)
+
+    _READY = True
+
+
+def parse_cfg_options(options: tuple[str, ...] | list[str] | None) -> dict:
+    """Parse `key=value` overrides the way mmengine's DictAction does, with a clear error."""
+    from mmengine.config import DictAction
+
+    result: dict = {}
+    for item in options or ():
+        if "=" not in item:
+            raise ConfigError(f"--cfg-options expects key=value pairs (e.g. train_cfg.max_epochs=2). Got {item!r}.")
+        key, value = item.split("=", 1)
+        if not key:
+            raise ConfigError(f"--cfg-options: empty key in {item!r}.")
+        result[key] = DictAction._parse_iterable(value)
+    return result
+
+
+def load_config(path: str | os.PathLike, cfg_options: tuple[str, ...] | list[str] | None = None):
+    """Load an mmengine config file (with overrides), or raise ConfigError saying what is wrong."""
+    from mmengine.config import Config
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        cfg = Config.fromfile(str(path))
+    except Exception as exc:  # syntax errors, missing _base_ files, bad imports
+        raise ConfigError(f"cannot load config {path}: {type(exc).__name__}: {exc}") from None
+    overrides = parse_cfg_options(cfg_options)
+    if overrides:
+        cfg.merge_from_dict(overrides)
+    if "model" not in cfg:
+        raise ConfigError(f"config {path} has no `model` section; pass an mmdet3d detector config.")
+    return cfg
+
+
+def resolve_device(device: str | None = None) -> torch.device:
+    """`device` if given, else this rank's CUDA device when there is one, else CPU."""
+    if device:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")

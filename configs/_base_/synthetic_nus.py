@@ -1,0 +1,61 @@
+# Data: the synthetic nuScenes-format set written by `bevcache synth data/synthetic-nus` (same
+# layout and info format as real nuScenes; point `data_root` at a real nuScenes root to use it).
+custom_imports = dict(imports=['bevcache.evaluation'], allow_failed_imports=False)
+default_scope = 'mmdet3d'
+
+data_root = 'data/synthetic-nus/'
+point_cloud_range = [-25.6, -25.6, -5.0, 25.6, 25.6, 3.0]
+class_names = [
+    'car', 'truck', 'construction_vehicle', 'bus', 'trailer', 'barrier',
+    'motorcycle', 'bicycle', 'pedestrian', 'traffic_cone'
+]
+metainfo = dict(classes=class_names, version='v1.0-mini')
+input_modality = dict(use_lidar=True, use_camera=False)
+backend_args = None
+dataset_type = 'NuScenesDataset'
+data_prefix = dict(pts='samples/LIDAR_TOP', sweeps='sweeps/LIDAR_TOP', img='')
+
+load_points = dict(type='LoadPointsFromFile', coord_type='LIDAR', load_dim=5, use_dim=4,
+                   backend_args=backend_args)
+pack_keys = ['points', 'gt_bboxes_3d', 'gt_labels_3d']
+# Deterministic by default: cached teacher features describe the un-augmented sample.
+train_pipeline = [
+    load_points,
+    dict(type='LoadAnnotations3D', with_bbox_3d=True, with_label_3d=True, with_attr_label=False),
+    dict(type='PointsRangeFilter', point_cloud_range=point_cloud_range),
+    dict(type='ObjectRangeFilter', point_cloud_range=point_cloud_range),
+    dict(type='ObjectNameFilter', classes=class_names),
+    dict(type='Pack3DDetInputs', keys=pack_keys),
+]
+test_pipeline = [
+    load_points,
+    dict(type='PointsRangeFilter', point_cloud_range=point_cloud_range),
+    dict(type='Pack3DDetInputs', keys=['points']),
+]
+
+train_dataloader = dict(
+    batch_size=4,
+    num_workers=1,
+    persistent_workers=True,
+    sampler=dict(type='DefaultSampler', shuffle=True),
+    dataset=dict(
+        type=dataset_type, data_root=data_root, ann_file='nuscenes_infos_train.pkl',
+        pipeline=train_pipeline, metainfo=metainfo, modality=input_modality,
+        data_prefix=data_prefix, test_mode=False, box_type_3d='LiDAR',
+        backend_args=backend_args))
+val_dataloader = dict(
+    batch_size=4,
+    num_workers=1,
+    persistent_workers=True,
+    drop_last=False,
+    sampler=dict(type='DefaultSampler', shuffle=False),
+    dataset=dict(
+        type=dataset_type, data_root=data_root, ann_file='nuscenes_infos_val.pkl',
+        pipeline=test_pipeline, metainfo=metainfo, modality=input_modality,
+        data_prefix=data_prefix, test_mode=True, box_type_3d='LiDAR',
+        backend_args=backend_args))
+test_dataloader = val_dataloader
+val_evaluator = dict(type='SafeNuScenesMetric', data_root=data_root,
+                     ann_file=data_root + 'nuscenes_infos_val.pkl', metric='bbox',
+                     backend_args=backend_args)
+test_evaluator = val_evaluator

@@ -1,0 +1,52 @@
+"""Shared fixtures: a tiny synthetic nuScenes data root and configs pointed at it."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    """12 train / 4 val synthetic samples (session-wide; tests must not modify it)."""
+    from bevcache.synth import generate
+
+    root = tmp_path_factory.mktemp("synthetic-nus")
+    generate(root, num_train=12, num_val=4, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def other_data_root(tmp_path_factory) -> Path:
+    """Same size, different seed: a different dataset (different tokens)."""
+    from bevcache.synth import generate
+
+    root = tmp_path_factory.mktemp("synthetic-nus-other")
+    generate(root, num_train=12, num_val=4, seed=1)
+    return root
+
+
+def tiny_cfg(name: str, data_root: Path, *, batch_size: int = 2, workers: int = 0):
+    """A tiny config with its data root replaced and a small, worker-free loader."""
+    from bevcache.data import set_data_root
+    from bevcache.runtime import load_config, setup_runtime
+
+    setup_runtime()
+    cfg = load_config(CONFIGS / name)
+    set_data_root(cfg, str(data_root))
+    for key in ("train_dataloader", "val_dataloader", "test_dataloader"):
+        cfg[key].batch_size = batch_size
+        cfg[key].num_workers = workers
+        cfg[key].persistent_workers = workers > 0
+    return cfg
+
+
+def bevcache_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "bevcache.cli", *args]

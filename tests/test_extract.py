@@ -1,0 +1,201 @@
+"""Stage one end to end on the tiny teacher: content, resume after kill -9, corruption, mismatch, torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bevcache.errors import StoreError, StoreMismatch
+from bevcache.extract import ExtractOptions, extract
+from bevcache.store import open_store
+
+from .conftest import CONFIGS, REPO, bevcache_cmd, tiny_cfg
+
+TEACHER = str(CONFIGS / "tiny_teacher.py")
+
+
+def _opts(data_root: Path, out: Path, **kw) -> ExtractOptions:
+    base = dict(config=TEACHER, out=str(out), data_root=str(data_root), batch_size=2, num_workers=0,
+                chunk_rows=4, dtype="float32", progress=False)
+    base.update(kw)
+    return ExtractOptions(**base)
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory) -> str:
+    """Random but fixed teacher weights, saved as a checkpoint (BN stats perturbed so eval differs from init)."""
+    from mmdet3d.registry import MODELS
+
+    from bevcache.runtime import load_config, setup_runtime
+
+    setup_runtime()
+    torch.manual_seed(123)
+    model = MODELS.build(load_config(TEACHER).model)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pth"
+    torch.save({"state_dict": model.state_dict(), "meta": {}}, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def reference_store(data_root, teacher_ckpt, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "features.zarr"
+    extract(_opts(data_root, out, checkpoint=teacher_ckpt, layers=["pts_neck", "pts_backbone"]))
+    return out
+
+
+def test_store_rows_equal_features_recomputed_from_the_model(reference_store, data_root, teacher_ckpt):
+    from mmengine.dataset import pseudo_collate
+
+    from bevcache.data import build_base_dataset, dataset_identity, test_pipeline
+    from bevcache.extract import build_teacher
+    from bevcache.features import LayerRecorder
+
+    store = open_store(str(reference_store))
+    info = store.info()
+    assert info["num_samples"] == info["num_complete"] == 12 and info["complete"]
+    assert info["layers"]["pts_neck"]["dim"] == 512  # SECONDFPN 128+128+256
+    assert info["layers"]["pts_backbone"]["dim"] == 64 + 128 + 256  # list output: pooled per scale, concatenated
+    cfg = tiny_cfg("tiny_teacher.py", data_root)
+    model = build_teacher(cfg, teacher_ckpt, torch.device("cpu"))
+    dataset = build_base_dataset(cfg, "train", pipeline=test_pipeline(cfg))
+    assert store.tokens == dataset_identity(dataset)[0]
+    table = store.read_table("pts_neck")
+    for index in (0, 5, 11):
+        data = model.data_preprocessor(pseudo_collate([dataset[index]]), False)
+        with LayerRecorder(model, ["pts_neck"]) as rec, torch.no_grad():
+            rec.run(model, **data, mode="predict")
+            direct = rec.pooled("avg", 1)["pts_neck"][0]
+        torch.testing.assert_close(table[index], direct, rtol=1e-4, atol=1e-5)
+
+
+def test_fp16_store_matches_fp32_within_tolerance(reference_store, data_root, teacher_ckpt, tmp_path):
+    out = tmp_path / "fp16.zarr"
+    extract(_opts(data_root, out, checkpoint=teacher_ckpt, dtype="float16", chunk_rows=8, batch_size=3))
+    half, full = open_store(str(out)).read_table("pts_neck"), open_store(str(reference_store)).read_table("pts_neck")
+    torch.testing.assert_close(half, full, rtol=2e-3, atol=2e-3)
+
+
+def test_existing_store_is_refused_without_resume_or_overwrite(reference_store, data_root, teacher_ckpt):
+    with pytest.raises(StoreError, match="--resume .* --overwrite"):
+        extract(_opts(data_root, reference_store, checkpoint=teacher_ckpt))
+
+
+def test_resume_against_another_dataset_or_teacher_is_refused(reference_store, other_data_root, data_root, tmp_path):
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(reference_store, copy)
+    with pytest.raises(StoreMismatch, match="dataset"):
+        extract(_opts(other_data_root, copy, layers=["pts_neck", "pts_backbone"], resume=True))
+    with pytest.raises(StoreMismatch, match="checkpoint"):
+        extract(_opts(data_root, copy, layers=["pts_neck", "pts_backbone"], resume=True))  # no/other weights
+
+
+def test_unknown_layer_is_a_clear_error(data_root, tmp_path):
+    result = subprocess.run(bevcache_cmd("extract", "--config", TEACHER, "--data-root", str(data_root), "--out",
+                                         str(tmp_path / "x.zarr"), "--layers", "pts_nek"), capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 1
+    assert "pts_nek" in result.stderr and "pts_neck" in result.stderr and "Traceback" not in result.stderr
+
+
+def _run_killed(args: list[str], env_extra: dict) -> int:
+    env = {**os.environ, **env_extra}
+    proc = subprocess.run(bevcache_cmd(*args), env=env, cwd=REPO, capture_output=True, text=True)
+    return proc.returncode
+
+
+def test_kill_9_then_resume_gives_the_identical_store(reference_store, data_root, teacher_ckpt, tmp_path):
+    out = tmp_path / "killed.zarr"
+    args = ["extract", "--config", TEACHER, "--checkpoint", teacher_ckpt, "--data-root", str(data_root),
+            "--out", str(out), "--layers", "pts_neck,pts_backbone", "--batch-size", "2", "--num-workers", "0",
+            "--chunk-rows", "4", "--dtype", "float32"]
+    rc = _run_killed(args, {"BEVCACHE_KILL_AFTER_BLOCKS": "1"})
+    assert rc == -signal.SIGKILL
+    partial = open_store(str(out))
+    done = int(partial.complete_mask().sum())
+    assert 0 < done < 12 and partial.verify()  # verify reports the missing rows
+    result = subprocess.run(bevcache_cmd(*args, "--resume"), cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    resumed, ref = open_store(str(out)), open_store(str(reference_store))
+    assert resumed.verify() == []
+    for layer in ("pts_neck", "pts_backbone"):
+        assert torch.equal(resumed.read_table(layer), ref.read_table(layer))
+
+
+def test_kill_9_at_a_random_moment_loses_at_most_the_block_in_flight(data_root, teacher_ckpt, tmp_path):
+    out = tmp_path / "random-kill.zarr"
+    args = ["extract", "--config", TEACHER, "--checkpoint", teacher_ckpt, "--data-root", str(data_root),
+            "--out", str(out), "--batch-size", "1", "--num-workers", "0", "--chunk-rows", "2", "--dtype", "float32"]
+    proc = subprocess.Popen(bevcache_cmd(*args), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "complete").exists() and any((out / "complete").rglob("*")) and len(list((out / "complete").rglob("c*"))) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    store = open_store(str(out))
+    mask = store.complete_mask()
+    problems = store.verify()
+    assert not any("checksum" in p.lower() or "corrupt" in p.lower() for p in problems), problems
+    assert subprocess.run(bevcache_cmd(*args, "--resume"), cwd=REPO, capture_output=True).returncode == 0
+    assert open_store(str(out)).verify() == [] and mask.sum() <= 12
+
+
+def test_flipped_byte_fails_verify(reference_store, tmp_path):
+    copy = tmp_path / "flip.zarr"
+    shutil.copytree(reference_store, copy)
+    chunk = sorted(p for p in (copy / "features").rglob("*") if p.is_file() and p.name != "zarr.json")[0]
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(raw))
+    result = subprocess.run(bevcache_cmd("verify", str(copy)), capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 1 and "FAIL" in result.stderr
+    ok = subprocess.run(bevcache_cmd("verify", str(reference_store)), capture_output=True, text=True, cwd=REPO)
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_verify_against_a_different_dataset_fails(reference_store, data_root, other_data_root):
+    good = subprocess.run(bevcache_cmd("verify", str(reference_store), "--config", TEACHER, "--data-root", str(data_root)),
+                          capture_output=True, text=True, cwd=REPO)
+    assert good.returncode == 0, good.stderr
+    bad = subprocess.run(bevcache_cmd("verify", str(reference_store), "--config", TEACHER, "--data-root", str(other_data_root)),
+                         capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 1 and "dataset" in bad.stderr
+
+
+def test_info_json(reference_store):
+    result = subprocess.run(bevcache_cmd("info", str(reference_store), "--json"), capture_output=True, text=True, cwd=REPO)
+    data = json.loads(result.stdout)
+    for key in ("num_samples", "num_complete", "complete", "layers", "teacher", "dataset"):
+        assert key in data
+    assert data["layers"]["pts_neck"] == {"dim": 512, "dtype": "float32", "pooling": "avg"}
+
+
+@pytest.mark.slow
+def test_two_process_torchrun_equals_one_process(reference_store, data_root, teacher_ckpt, tmp_path):
+    out = tmp_path / "ddp.zarr"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = ["torchrun", "--nproc-per-node", "2", "--master-port", str(29500 + os.getpid() % 1000), "-m", "bevcache.cli",
+           "extract", "--config", TEACHER, "--checkpoint", teacher_ckpt, "--data-root", str(data_root), "--out", str(out),
+           "--layers", "pts_neck,pts_backbone", "--batch-size", "2", "--num-workers", "0", "--chunk-rows", "4",
+           "--dtype", "float32", "--launcher", "pytorch"]
+    cmd[0] = str(Path(os.sys.executable).parent / "torchrun")
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ddp, ref = open_store(str(out)), open_store(str(reference_store))
+    assert ddp.verify() == [] and ddp.tokens == ref.tokens
+    for layer in ("pts_neck", "pts_backbone"):
+        torch.testing.assert_close(ddp.read_table(layer), ref.read_table(layer), rtol=1e-5, atol=1e-6)
+    assert np.array_equal(ddp.sample_idx, ref.sample_idx)
