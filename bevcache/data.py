@@ -63,7 +63,10 @@ def build_base_dataset(cfg: Any, split: str = "train", *, pipeline: list | None 
 
     ds_cfg = base_dataset_cfg(cfg, split)
     if pipeline is not None:
+        # A test pipeline packs no labels; the empty-GT check (which only drops samples at
+        # __getitem__ time, never from the index list) must not reject every sample.
         ds_cfg["pipeline"] = pipeline
+        ds_cfg["filter_empty_gt"] = False
     try:
         dataset = DATASETS.build(ds_cfg)
     except FileNotFoundError as exc:

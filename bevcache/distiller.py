@@ -107,7 +107,7 @@ class CRDDistiller(BaseModel):
             result = self.student(**data, mode=mode)
             self.student_recorder.outputs.clear()
             return result
-        losses = self.student.loss(**data)
+        losses = self.student(**data, mode="loss")
         student_feats = self.student_recorder.pooled(self.pooling, len(data_samples))
         self.student_recorder.outputs.clear()
         tokens = getattr(self, "store_tokens", None)

@@ -28,7 +28,7 @@ from . import __version__
 from .data import build_base_dataset, dataset_identity, set_data_root, test_pipeline
 from .errors import ConfigError, FeatureValueError, StoreError
 from .features import POOLINGS, LayerRecorder
-from .runtime import load_config, resolve_device, setup_runtime
+from .runtime import init_distributed, load_config, resolve_device, setup_runtime
 from .store import LayerSpec, create_store, fingerprint_tokens, open_store, store_exists
 
 log = logging.getLogger("bevcache")
@@ -205,7 +205,7 @@ def _barrier() -> None:
 
 def extract(opts: ExtractOptions) -> dict:
     """Run extraction as described by opts; returns the store's info()."""
-    from mmengine.dist import get_dist_info, init_dist
+    from mmengine.dist import get_dist_info
 
     if opts.resume and opts.overwrite:
         raise ConfigError("--resume and --overwrite exclude each other: choose one.")
@@ -213,8 +213,7 @@ def extract(opts: ExtractOptions) -> dict:
     cfg = load_config(opts.config, opts.cfg_options)
     if opts.data_root:
         set_data_root(cfg, opts.data_root)
-    if opts.launcher != "none":
-        init_dist(opts.launcher, backend="nccl" if torch.cuda.is_available() else "gloo")
+    init_distributed(opts.launcher)
     rank, world = get_dist_info()
     settings = _settings(opts, cfg)
     device = resolve_device(opts.device)

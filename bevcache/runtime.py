@@ -71,3 +71,23 @@ def resolve_device(device: str | None = None) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
+
+
+def init_distributed(launcher: str) -> None:
+    """Join the torchrun process group: NCCL on GPUs, gloo on CPU.
+
+    mmengine's `init_dist` always calls `torch.cuda.set_device`, which a CPU-only torch lacks,
+    so on CPU the gloo group is made here and the Runner, seeing it, does not make another.
+    """
+    import torch.distributed as dist
+
+    if launcher == "none" or dist.is_initialized():
+        return
+    if launcher != "pytorch":
+        raise ConfigError(f"launcher must be one of ['none', 'pytorch']. Got {launcher!r}.")
+    if torch.cuda.is_available():
+        from mmengine.dist import init_dist
+
+        init_dist(launcher, backend="nccl")
+    else:
+        dist.init_process_group(backend="gloo")

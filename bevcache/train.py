@@ -21,7 +21,7 @@ from .data import (INDEX_PRESERVING_WRAPPERS, build_base_dataset, dataset_identi
                    set_data_root, strip_random_transforms, test_pipeline)
 from .errors import ConfigError, StoreError
 from .features import LayerRecorder
-from .runtime import load_config, parse_cfg_options, setup_runtime
+from .runtime import init_distributed, load_config, parse_cfg_options, setup_runtime
 
 log = logging.getLogger("bevcache")
 
@@ -106,8 +106,9 @@ def build_train_config(opts: TrainOptions):
         set_data_root(cfg, opts.data_root)
     cfg.work_dir = opts.work_dir or cfg.get("work_dir") or f"work_dirs/{Path(opts.student).stem}"
     cfg.launcher = opts.launcher
-    if not torch.cuda.is_available():
-        cfg.env_cfg.setdefault("dist_cfg", {})["backend"] = "gloo"
+    if opts.launcher != "none" and not torch.cuda.is_available():
+        init_distributed(opts.launcher)  # gloo; the Runner reuses the group
+        cfg.model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None, broadcast_buffers=False)
     if opts.amp:
         if not torch.cuda.is_available():
             raise ConfigError("--amp needs a CUDA device (mmengine's AmpOptimWrapper); this machine has none.")

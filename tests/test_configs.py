@@ -24,7 +24,7 @@ def test_tiny_config_trains_and_predicts(data_root, name, neck_channels):
     dataset = build_base_dataset(cfg, "train")
     batch = model.data_preprocessor(pseudo_collate([dataset[0], dataset[1]]), True)
     with LayerRecorder(model, ["pts_neck"]) as rec:
-        losses = model.loss(**batch)
+        losses = model(**batch, mode="loss")
         neck = rec.outputs["pts_neck"]
     assert isinstance(neck, (list, tuple)) and neck[0].shape == (2, neck_channels, 64, 64)
     total = sum(v.sum() if isinstance(v, torch.Tensor) else sum(v) for k, v in losses.items() if "loss" in k)
@@ -34,7 +34,7 @@ def test_tiny_config_trains_and_predicts(data_root, name, neck_channels):
     model.eval()
     with torch.no_grad():
         val = build_base_dataset(cfg, "val")
-        results = model.predict(**model.data_preprocessor(pseudo_collate([val[0]]), False))
+        results = model(**model.data_preprocessor(pseudo_collate([val[0]]), False), mode="predict")
     assert results[0].pred_instances_3d.bboxes_3d.tensor.shape[1] == 9
 
 
