@@ -17,5 +17,5 @@ distill = dict(
     nce_t=0.07,
     nce_m=0.5,
     pooling=None,                      # None: the pooling the store was made with
-    augmentation='refuse',             # random train transforms: 'refuse' | 'drop' | 'keep'
+    augmentation='drop',               # random train transforms: 'drop' them, or 'keep' (mismatch)
 )

@@ -1,0 +1,319 @@
+"""bevcache.synth: deterministic, fixture-faithful, geometrically honest synthetic nuScenes data."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bevcache import synth
+from bevcache.errors import ConfigError
+
+FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nuscenes-fixture"
+PIPELINE = [
+    dict(type="LoadPointsFromFile", coord_type="LIDAR", load_dim=5, use_dim=5),
+    dict(type="LoadAnnotations3D", with_bbox_3d=True, with_label_3d=True),
+    dict(type="Pack3DDetInputs", keys=["points", "gt_bboxes_3d", "gt_labels_3d"]),
+]
+DATA_PREFIX = dict(pts="samples/LIDAR_TOP", img="", sweeps="sweeps/LIDAR_TOP")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    return out, synth.generate(out, num_train=16, num_val=8, seed=0)
+
+
+@pytest.fixture(scope="module")
+def sweep_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth_sweeps")
+    return out, synth.generate(out, num_train=3, num_val=2, seed=3, sweeps=2)
+
+
+def _infos(out: Path, split: str) -> list[dict]:
+    with open(out / f"nuscenes_infos_{split}.pkl", "rb") as f:
+        return pickle.load(f)["data_list"]
+
+
+def _points(out: Path, info: dict) -> np.ndarray:
+    return np.fromfile(
+        out / "samples" / "LIDAR_TOP" / info["lidar_points"]["lidar_path"], dtype=np.float32
+    ).reshape(-1, 5)
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _signature(obj):
+    """Structure and leaf types of a nested info value (lists summarised by the set of element signatures)."""
+    if isinstance(obj, dict):
+        return {k: _signature(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return ("list", frozenset(repr(_signature(v)) for v in obj))
+    return type(obj).__name__
+
+
+def _nuscenes_dataset(root: Path, ann_file: str, pipeline=PIPELINE, **kwargs):
+    from mmdet3d.datasets import NuScenesDataset
+    from mmdet3d.utils import register_all_modules
+
+    register_all_modules()
+    return NuScenesDataset(
+        data_root=str(root),
+        ann_file=ann_file,
+        data_prefix=DATA_PREFIX,
+        pipeline=pipeline,
+        metainfo=dict(version="v1.0-mini"),
+        **kwargs,
+    )
+
+
+def test_scene_names_are_the_devkit_mini_splits():
+    from nuscenes.utils.splits import create_splits_scenes
+
+    splits = create_splits_scenes()
+    assert list(synth.TRAIN_SCENE_NAMES) == splits["mini_train"]
+    assert list(synth.VAL_SCENE_NAMES) == splits["mini_val"]
+
+
+def test_same_seed_gives_identical_files_other_seed_differs(tmp_path, sweep_data):
+    out, _ = sweep_data
+    again = synth.generate(tmp_path / "again", num_train=3, num_val=2, seed=3, sweeps=2)
+    first = _tree_digest(out)
+    assert len([p for p in first if p.endswith(".pcd.bin")]) == (3 + 2) * 3
+    assert _tree_digest(tmp_path / "again") == first
+    assert again["points_per_sample_mean"] == sweep_data[1]["points_per_sample_mean"]
+
+    synth.generate(tmp_path / "other", num_train=3, num_val=2, seed=4, sweeps=2)
+    a, b = _infos(out, "train")[0], _infos(tmp_path / "other", "train")[0]
+    assert a["token"] != b["token"]
+    assert [i["bbox_3d"] for i in a["instances"]] != [i["bbox_3d"] for i in b["instances"]]
+    assert set(first.values()).isdisjoint(
+        h for p, h in _tree_digest(tmp_path / "other").items() if p.endswith(".pcd.bin")
+    )
+
+
+def test_summary_and_point_density(data):
+    out, summary = data
+    assert summary["num_train"] == 16 and summary["num_val"] == 8
+    assert summary["num_train_scenes"] == 8 and summary["num_val_scenes"] == 2
+    assert len(_infos(out, "train")) == 16 and len(_infos(out, "val")) == 8
+    assert 10_000 <= summary["points_per_sample_mean"] <= 30_000
+    assert summary["num_boxes"] == sum(
+        int(i["num_lidar_pts"]) > 0
+        for s in ("train", "val")
+        for info in _infos(out, s)
+        for i in info["instances"]
+    )
+    with open(out / "nuscenes_infos_val.pkl", "rb") as f:
+        meta = pickle.load(f)["metainfo"]
+    assert meta == {
+        "categories": {c: i for i, c in enumerate(synth.CLASSES)},
+        "dataset": "nuscenes",
+        "version": "v1.0-mini",
+        "info_version": "1.1",
+    }
+
+
+def test_info_keys_and_types_match_the_real_fixture(data, sweep_data):
+    with open(FIXTURE / "nus_info.pkl", "rb") as f:
+        real = pickle.load(f)["data_list"]
+    real_keys = set().union(*(info.keys() for info in real))
+    real_instance = {repr(_signature(i)) for info in real for i in info["instances"]}
+    real_sweep = next(info["lidar_sweeps"][0] for info in real if info.get("lidar_sweeps"))
+    for out, _ in (data, sweep_data):
+        for info in _infos(out, "train") + _infos(out, "val"):
+            assert set(info) == real_keys
+            for key in ("token", "timestamp", "ego2global", "sample_idx", "lidar_points"):
+                assert _signature(info[key]) == _signature(real[0][key]), key
+            assert type(info["images"]) is dict and info["images"] == {}
+            assert {repr(_signature(i)) for i in info["instances"]} == real_instance
+            assert all(
+                isinstance(v, float)
+                for i in info["instances"]
+                for v in i["bbox_3d"] + i["velocity"]
+            )
+            for sweep in info["lidar_sweeps"]:
+                assert set(sweep) == set(real_sweep)
+                assert {"lidar_path", "lidar2ego", "lidar2sensor", "num_pts_feats"} <= set(
+                    sweep["lidar_points"]
+                )
+                assert _signature(sweep["lidar_points"]["lidar2sensor"]) == _signature(
+                    real[0]["ego2global"]
+                )
+    assert all(len(info["lidar_sweeps"]) == 2 for info in _infos(sweep_data[0], "train"))
+
+
+@pytest.mark.parametrize("source", ["fixture", "synthetic"])
+def test_loads_through_nuscenes_dataset(source, data):
+    root, ann = (
+        (FIXTURE, "nus_info.pkl") if source == "fixture" else (data[0], "nuscenes_infos_train.pkl")
+    )
+    ds = _nuscenes_dataset(root, ann)
+    assert len(ds) > 0
+    item = ds[0]
+    points = item["inputs"]["points"]
+    assert points.ndim == 2 and points.shape[1] == 5 and len(points) > 0
+    gt = item["data_samples"].gt_instances_3d
+    assert len(gt.bboxes_3d) == len(gt.labels_3d) > 0
+    if source == "synthetic":
+        raw = next(
+            i for i in _infos(root, "train") if i["sample_idx"] == item["data_samples"].sample_idx
+        )
+        assert len(points) == len(_points(root, raw))
+        assert len(gt.bboxes_3d) == sum(int(i["num_lidar_pts"]) > 0 for i in raw["instances"])
+        # gravity-centre infos become bottom-centre boxes standing on the ground plane
+        assert torch.allclose(
+            gt.bboxes_3d.bottom_height, torch.full((len(gt.bboxes_3d),), synth.GROUND_Z), atol=1e-4
+        )
+
+
+def test_sweeps_load_through_multisweep_loader(sweep_data):
+    out, _ = sweep_data
+    pipeline = [
+        dict(type="LoadPointsFromFile", coord_type="LIDAR", load_dim=5, use_dim=5),
+        dict(type="LoadPointsFromMultiSweeps", sweeps_num=2, load_dim=5, use_dim=[0, 1, 2, 3, 4]),
+        dict(type="Pack3DDetInputs", keys=["points"]),
+    ]
+    ds = _nuscenes_dataset(out, "nuscenes_infos_val.pkl", pipeline=pipeline, test_mode=True)
+    info = _infos(out, "val")[0]
+    n_sweep = sum(
+        len(np.fromfile(out / s["lidar_points"]["lidar_path"], dtype=np.float32)) // 5
+        for s in info["lidar_sweeps"]
+    )
+    assert len(ds[0]["inputs"]["points"]) == len(_points(out, info)) + n_sweep
+
+
+def test_points_lie_on_the_ground_or_in_boxes(data):
+    out, _ = data
+    for info in _infos(out, "val"):
+        pts = _points(out, info)
+        boxes = np.array([i["bbox_3d"] for i in info["instances"]])
+        boxes[:, 3:6] += 0.2  # every face pushed out by 10 cm
+        inside = (synth._box_margin(pts[:, :3].astype(np.float64), boxes) > 0).any(axis=1)
+        on_ground = np.abs(pts[:, 2] - synth.GROUND_Z) < 0.05
+        assert (inside | on_ground).mean() >= 0.99
+        assert 0.05 < inside.mean() < 0.8  # objects are seen, and do not fill the scan
+        assert set(np.unique(pts[:, 4]).astype(int)) <= set(range(32))
+
+
+def test_num_lidar_pts_equals_points_in_boxes(data):
+    from mmcv.ops import points_in_boxes_cpu
+    from mmdet3d.structures import LiDARInstance3DBoxes
+
+    out, _ = data
+    for split in ("train", "val"):
+        for info in _infos(out, split):
+            pts = torch.from_numpy(_points(out, info)[:, :3])
+            boxes = LiDARInstance3DBoxes(
+                torch.tensor([i["bbox_3d"] for i in info["instances"]]), origin=(0.5, 0.5, 0.5)
+            )
+            # the op LiDARInstance3DBoxes.points_in_boxes_all uses on CUDA; takes bottom-centre boxes
+            counts = points_in_boxes_cpu(pts[None], boxes.tensor[None]).sum(dim=1)[0]
+            assert counts.tolist() == [int(i["num_lidar_pts"]) for i in info["instances"]]
+            assert [i["bbox_3d_isvalid"] for i in info["instances"]] == [int(c) > 0 for c in counts]
+
+
+def test_boxes_do_not_overlap_and_every_class_is_seen(data):
+    from mmdet3d.structures import LiDARInstance3DBoxes
+
+    out, _ = data
+    for split in ("train", "val"):
+        seen = set()
+        for info in _infos(out, split):
+            boxes = LiDARInstance3DBoxes(
+                torch.tensor([i["bbox_3d"] for i in info["instances"]]), origin=(0.5, 0.5, 0.5)
+            )
+            iou = LiDARInstance3DBoxes.overlaps(boxes, boxes)
+            assert torch.count_nonzero(iou - torch.diag(torch.diag(iou))) == 0
+            assert (boxes.tensor[:, :2].abs() < synth.AREA).all()
+            seen |= {i["bbox_label_3d"] for i in info["instances"] if i["num_lidar_pts"] > 0}
+        assert seen == set(range(len(synth.CLASSES))), split
+
+
+def test_tables_open_in_the_devkit_with_real_sequences(data):
+    from nuscenes import NuScenes
+    from pyquaternion import Quaternion
+
+    out, _ = data
+    nusc = NuScenes(version="v1.0-mini", dataroot=str(out), verbose=False)
+    assert {s["name"] for s in nusc.scene} == set(synth.TRAIN_SCENE_NAMES) | set(
+        synth.VAL_SCENE_NAMES
+    )
+    assert len(nusc.sample) == 24
+    attr_rule = {
+        "vehicle.moving": True,
+        "cycle.with_rider": True,
+        "pedestrian.moving": True,
+        "vehicle.parked": False,
+        "vehicle.stopped": False,
+        "cycle.without_rider": False,
+        "pedestrian.standing": False,
+    }
+    moving = 0
+    for info in _infos(out, "val"):
+        sample = nusc.get("sample", info["token"])
+        assert sample["timestamp"] == round(info["timestamp"] * 1e6)
+        if sample["prev"]:
+            assert sample["timestamp"] - nusc.get("sample", sample["prev"])["timestamp"] == 500_000
+        anns = [nusc.get("sample_annotation", t) for t in sample["anns"]]
+        assert len(anns) == len(info["instances"])
+        to_global = (
+            np.array(info["ego2global"])[:2, :2]
+            @ np.array(info["lidar_points"]["lidar2ego"])[:2, :2]
+        )
+        for ann, ins in zip(anns, info["instances"], strict=True):
+            assert (
+                synth.CLASSES.index(_detection_name(ann["category_name"])) == ins["bbox_label_3d"]
+            )
+            assert ann["num_lidar_pts"] == ins["num_lidar_pts"]
+            assert ann["size"] == pytest.approx(
+                [ins["bbox_3d"][4], ins["bbox_3d"][3], ins["bbox_3d"][5]]
+            )
+            yaw = (
+                ins["bbox_3d"][6]
+                + synth.LIDAR2EGO_YAW
+                + math.atan2(info["ego2global"][1][0], info["ego2global"][0][0])
+            )
+            assert (
+                Quaternion.absolute_distance(
+                    Quaternion(ann["rotation"]), Quaternion(axis=[0, 0, 1], radians=yaw)
+                )
+                < 1e-9
+            )
+            velocity = nusc.box_velocity(ann["token"])[:2]
+            np.testing.assert_allclose(velocity, to_global @ np.array(ins["velocity"]), atol=1e-6)
+            speed = float(np.hypot(*ins["velocity"]))
+            assert speed == 0.0 or speed >= 0.5  # clear of the metric's 0.2 m/s moving threshold
+            moving += speed > 0
+            names = [nusc.get("attribute", t)["name"] for t in ann["attribute_tokens"]]
+            if ins["bbox_label_3d"] >= synth.CLASSES.index("traffic_cone"):
+                assert names == [] and speed == 0.0
+            else:
+                assert len(names) == 1 and attr_rule[names[0]] == (speed > 0.2)
+    assert moving > 0
+
+
+def _detection_name(category: str) -> str:
+    from nuscenes.eval.detection.utils import category_to_detection_name
+
+    return category_to_detection_name(category)
+
+
+def test_rejects_bad_arguments(tmp_path, data):
+    with pytest.raises(ConfigError, match="num_val"):
+        synth.generate(tmp_path / "a", num_train=1, num_val=0)
+    with pytest.raises(ConfigError, match="sweeps"):
+        synth.generate(tmp_path / "b", num_train=1, num_val=1, sweeps=10)
+    with pytest.raises(ConfigError, match="already holds a dataset"):
+        synth.generate(data[0], num_train=1, num_val=1)
