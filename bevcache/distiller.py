@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .crd import CRDLoss
 from .data import batch_rows
 from .errors import ConfigError
-from .features import LayerRecorder, pool_output
+from .features import LayerRecorder
 
 
 def _key(layer: str) -> str:
@@ -81,6 +81,11 @@ class CRDDistiller(BaseModel):
                 from mmengine.config import ConfigDict
 
                 self.teacher = build_teacher(ConfigDict(model=teacher), teacher_checkpoint, torch.device("cpu"))
+            # The Runner calls init_weights() on the whole model: it must not re-initialise the
+            # loaded teacher (nor draw random numbers for it).
+            for module in self.teacher.modules():
+                if hasattr(module, "is_init"):
+                    module.is_init = True
             self.teacher_recorder = LayerRecorder(self.teacher, set(self.layers.values()), stop_early=True)
 
     def train(self, mode: bool = True) -> CRDDistiller:
@@ -95,11 +100,8 @@ class CRDDistiller(BaseModel):
         data = self.teacher.data_preprocessor({"inputs": inputs, "data_samples": data_samples}, False)
         with torch.no_grad():
             self.teacher_recorder.run(self.teacher, **data, mode="predict")
-            outputs = self.teacher_recorder.outputs
-            return {t: pool_output(outputs[t], self.pooling_of_teacher(t), len(data_samples)) for t in outputs}
-
-    def pooling_of_teacher(self, teacher_layer: str) -> str:
-        return next(self.pooling[s] for s, t in self.layers.items() if t == teacher_layer)
+            pooling = {t: self.pooling[s] for s, t in self.layers.items()}
+            return self.teacher_recorder.pooled(pooling, len(data_samples))
 
     def forward(self, inputs: dict, data_samples: list | None = None, mode: str = "tensor"):
         data = self.student.data_preprocessor({"inputs": inputs, "data_samples": data_samples}, mode == "loss")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 from pathlib import Path
 
@@ -41,7 +42,8 @@ def parse_cfg_options(options: tuple[str, ...] | list[str] | None) -> dict:
         key, value = item.split("=", 1)
         if not key:
             raise ConfigError(f"--cfg-options: empty key in {item!r}.")
-        result[key] = DictAction._parse_iterable(value)
+        # Dict literals (e.g. layers={'pts_neck': 'pts_neck'}) are Python; the rest as mmengine parses.
+        result[key] = ast.literal_eval(value) if value.lstrip().startswith("{") else DictAction._parse_iterable(value)
     return result
 
 

@@ -115,6 +115,9 @@ def build_train_config(opts: TrainOptions):
         cfg.optim_wrapper.type = "AmpOptimWrapper"
         cfg.optim_wrapper.setdefault("loss_scale", "dynamic")
     if opts.resume:
+        from .compat import trust_own_checkpoints_for_resume
+
+        trust_own_checkpoints_for_resume()
         cfg.resume = True
         cfg.load_from = None if opts.resume == "auto" else opts.resume
     _ensure_index_meta(_train_dataset_cfg(cfg).pipeline)

@@ -89,7 +89,7 @@ def test_cached_training_equals_online_training(data_root, fp32_store, teacher_c
     for a, b in zip(cached.losses, online.losses):
         assert set(a) == set(b) and "loss_crd_pts_neck" in a
         for key in a:
-            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (key, cached.losses, online.losses)
     s_cached, s_online = cached_runner.model.student_state_dict(), online_runner.model.student_state_dict()
     for key, value in s_cached.items():
         torch.testing.assert_close(value, s_online[key], rtol=1e-5, atol=1e-6)
@@ -161,7 +161,7 @@ def test_resume_mid_run_reproduces_the_next_losses(data_root, fp32_store, tmp_pa
     assert len(resumed.losses) == 2
     for a, b in zip(full.losses[2:], resumed.losses):
         for key in a:
-            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (key, full.losses, resumed.losses)
 
 
 def test_export_student_loads_into_the_plain_student(data_root, fp32_store, tmp_path):

@@ -1,0 +1,189 @@
+"""CRD (Contrastive Representation Distillation, Tian et al., ICLR 2020) for one distilled layer.
+
+The student's and the (cached) teacher's pooled feature vectors are embedded into a shared
+`feat_dim` sphere. Each side is scored against `nce_k` negatives read from a memory bank of the
+*other* side (one row per dataset sample) and trained with the paper's NCE loss (eq. 18).
+
+Written from the paper; differences from the reference implementation (RepDistiller):
+- negatives never include the positive's own index (the reference may draw it);
+- the normalisation constant Z, the banks and every other piece of state are buffers, so
+  they are checkpointed and restored on resume (the reference re-estimates Z after a resume);
+- under DDP, every rank gathers all ranks' embeddings before updating the banks, so the banks
+  stay identical on all ranks (the reference lets each rank's banks drift apart), and the
+  first-batch Z is averaged over all ranks;
+- the maths runs in the banks' dtype (float32) even under autocast: exp(1 / 0.07) ~ 1.6e6
+  overflows float16.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import mmengine.dist as dist
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class CRDLoss(nn.Module):
+    """CRD for one distilled layer: student/teacher embeds + two memory banks + NCE loss."""
+
+    def __init__(
+        self,
+        *,
+        student_dim: int,
+        teacher_dim: int,
+        num_data: int,
+        feat_dim: int = 128,  # size of the shared embedding space
+        nce_k: int = 16384,  # negatives per sample
+        nce_t: float = 0.07,  # temperature of exp(<bank_row, emb> / T)
+        nce_m: float = 0.5,  # bank momentum: row = m * row + (1 - m) * emb
+        z_momentum: float | None = None,  # None: Z fixed after the first batch; else the EMA
+        # weight of the old Z: Z = z_momentum * Z + (1 - z_momentum) * batch estimate
+        eps: float = 1e-7,
+    ) -> None:
+        super().__init__()
+        if not 1 <= nce_k <= num_data - 1:
+            raise ValueError(
+                f"nce_k must be in [1, num_data - 1] = [1, {num_data - 1}]. Got nce_k={nce_k}; "
+                f"lower nce_k (negatives are drawn from the other {num_data - 1} samples)."
+            )
+        if nce_t <= 0:
+            raise ValueError(f"nce_t must be > 0. Got {nce_t}.")
+        if not 0 <= nce_m < 1:
+            raise ValueError(f"nce_m must be in [0, 1). Got {nce_m}.")
+        if z_momentum is not None and not 0 <= z_momentum < 1:
+            raise ValueError(f"z_momentum must be None or in [0, 1). Got {z_momentum}.")
+        self.num_data, self.feat_dim, self.nce_k = num_data, feat_dim, nce_k
+        self.nce_t, self.nce_m, self.z_momentum, self.eps = nce_t, nce_m, z_momentum, eps
+
+        self.embed_s = nn.Linear(student_dim, feat_dim)
+        self.embed_t = nn.Linear(teacher_dim, feat_dim)  # trained too; its input is the cache
+        # Uniform in [-stdv, stdv] has E|row|^2 = 1, as in the reference; we then normalise each
+        # row exactly, so that never-visited rows live on the same unit sphere as updated rows
+        # and as the embeddings (a bank row is always a unit vector).
+        stdv = 1.0 / math.sqrt(feat_dim / 3)
+        for name in ("memory_s", "memory_t"):
+            bank = torch.empty(num_data, feat_dim).uniform_(-stdv, stdv)  # [N, F]
+            self.register_buffer(name, F.normalize(bank, dim=1))
+        # Z < 0 means "not estimated yet"; buffers, so a resumed run keeps its Z.
+        self.register_buffer("z_s", torch.tensor(-1.0))
+        self.register_buffer("z_t", torch.tensor(-1.0))
+        # Negatives come from a generator re-seeded from (seed, step, rank) each step rather than
+        # from the global RNG: a resumed run draws exactly the negatives the uninterrupted run
+        # would have, because seed and step are checkpointed with the banks.
+        self.register_buffer("sample_seed", torch.randint(0, 2**31 - 1, ()))
+        self.register_buffer("step", torch.tensor(0))
+
+    memory_s: Tensor  # [N, F] student bank: scored against teacher embeddings
+    memory_t: Tensor  # [N, F] teacher bank: scored against student embeddings
+    z_s: Tensor
+    z_t: Tensor
+    sample_seed: Tensor
+    step: Tensor
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_data={self.num_data}, feat_dim={self.feat_dim}, nce_k={self.nce_k}, "
+            f"nce_t={self.nce_t}, nce_m={self.nce_m}, z_momentum={self.z_momentum}"
+        )
+
+    def forward(self, f_s: Tensor, f_t: Tensor, index: Tensor) -> Tensor:
+        """Loss (student side + teacher side, unweighted); in training mode, updates banks and Z."""
+        batch = f_s.shape[0]
+        if f_s.ndim != 2 or f_t.ndim != 2 or f_t.shape[0] != batch or index.shape != (batch,):
+            raise ValueError(
+                "expected f_s [B, student_dim], f_t [B, teacher_dim], index [B]. Got "
+                f"{tuple(f_s.shape)}, {tuple(f_t.shape)}, {tuple(index.shape)}."
+            )
+        dtype, device = self.memory_s.dtype, self.memory_s.device
+        index = index.to(device=device, dtype=torch.long)  # [B] dataset indices
+        no_autocast = (  # the meta device has no autocast to switch off
+            torch.autocast(device.type, enabled=False)
+            if device.type != "meta"
+            else contextlib.nullcontext()
+        )
+        with no_autocast:  # float16 would overflow: exp(1 / 0.07) ~ 1.6e6
+            e_s = F.normalize(self.embed_s(f_s.to(dtype)), dim=1)  # [B, F]
+            e_t = F.normalize(self.embed_t(f_t.to(dtype)), dim=1)  # [B, F]
+            contrast = self._contrast_indices(index)  # [B, K+1], column 0 = positive
+            # Student embeddings are scored against the teacher bank and vice versa. Scoring all
+            # N rows, then gathering K+1 scores, beats gathering K+1 rows of F floats once K is a
+            # sizeable fraction of N (as for 3D detection datasets: N ~ 1e4-1e5, K = 16384).
+            # Autograd saves the clone, so the banks can be updated in place below.
+            scores_s = torch.exp((e_s @ self.memory_t.T.clone()).gather(1, contrast) / self.nce_t)
+            scores_t = torch.exp((e_t @ self.memory_s.T.clone()).gather(1, contrast) / self.nce_t)
+            z_s, z_t = self._normalisers(scores_s.detach(), scores_t.detach())  # scalars
+            loss = self._nce_loss(scores_s / z_s) + self._nce_loss(scores_t / z_t)
+            if self.training:
+                self._update_banks(e_s.detach(), e_t.detach(), index)
+                self.step += 1
+        return loss
+
+    def _contrast_indices(self, index: Tensor) -> Tensor:
+        """[B] positives -> [B, K+1]: the positive, then K uniform draws from the other N-1."""
+        shape, device = (index.shape[0], self.nce_k), index.device
+        generator = None
+        if device.type != "meta":  # (the meta device has no generator; its draws are not real)
+            generator = torch.Generator(device=device)
+            generator.manual_seed((int(self.sample_seed) * 1_000_003 + int(self.step)) * 4099 + dist.get_rank())
+        neg = torch.randint(0, self.num_data - 1, shape, device=device, generator=generator)  # [B, K] in [0, N-1)
+        neg += (neg >= index[:, None]).long()  # skip the positive: [0, N) \ {index}
+        return torch.cat([index[:, None], neg], dim=1)
+
+    @torch.no_grad()
+    def _normalisers(self, scores_s: Tensor, scores_t: Tensor) -> tuple[Tensor, Tensor]:
+        """Z per side: mean score * N on the first batch, then fixed (or an EMA with z_momentum)."""
+        # Sums and counts are all-reduced so every rank gets the same Z, exactly the mean over
+        # the global batch even if ranks' batch sizes differ. No host sync: torch.where.
+        count = scores_s.new_tensor(scores_s.numel())
+        stats = torch.stack([scores_s.sum(), scores_t.sum(), count])  # [3]
+        dist.all_reduce(stats)  # no-op unless distributed
+        estimate = stats[:2] / stats[2] * self.num_data  # [2]
+        z = torch.stack([self.z_s, self.z_t])  # [2]
+        if self.z_momentum is not None:
+            z_next = self.z_momentum * z + (1 - self.z_momentum) * estimate
+        else:
+            z_next = z
+        z = torch.where(z < 0, estimate, z_next)
+        if self.training:
+            self.z_s.copy_(z[0])
+            self.z_t.copy_(z[1])
+        return z[0], z[1]
+
+    def _nce_loss(self, p: Tensor) -> Tensor:
+        """NCE loss (paper eq. 18) of [B, K+1] model probabilities, column 0 = positive."""
+        m_pn = self.nce_k / self.num_data  # m * Pn: the noise mass of K uniform negatives
+        log_d1 = torch.log(p[:, 0] / (p[:, 0] + m_pn + self.eps))  # [B] positive is data
+        log_d0 = torch.log(m_pn / (p[:, 1:] + m_pn + self.eps))  # [B, K] negatives are noise
+        return -(log_d1.sum() + log_d0.sum()) / p.shape[0]
+
+    @torch.no_grad()
+    def _update_banks(self, e_s: Tensor, e_t: Tensor, index: Tensor) -> None:
+        """Momentum-update the touched rows with every rank's embeddings (identical on all ranks)."""
+        emb, index = _all_gather_rows(torch.cat([e_s, e_t], dim=1), index)  # [n, 2F], [n]
+        # A duplicated index takes the embedding of its last occurrence (in rank order), so all
+        # its copies write the same row and index_copy_ is deterministic; no host sync needed.
+        position = torch.arange(index.shape[0], device=index.device)  # [n]
+        last = index.new_zeros(self.num_data)  # [N] dataset index -> its last batch position
+        last.scatter_reduce_(0, index, position, "amax", include_self=False)
+        rows_s, rows_t = emb[last[index]].split(self.feat_dim, dim=1)  # [n, F] each
+        for bank, rows in ((self.memory_s, rows_s), (self.memory_t, rows_t)):
+            mixed = self.nce_m * bank[index] + (1 - self.nce_m) * rows  # [n, F]
+            bank.index_copy_(0, index, F.normalize(mixed, dim=1))
+
+
+def _all_gather_rows(*xs: Tensor) -> list[Tensor]:
+    """Each x [n_r, ...] with the rows of every rank, concatenated in rank order; n_r may differ."""
+    if dist.get_world_size() == 1:
+        return list(xs)
+    n = torch.tensor([xs[0].shape[0]], device=xs[0].device)
+    sizes = [int(n_r) for n_r in dist.all_gather(n)]
+    gathered = []
+    for x in xs:
+        padded = x.new_zeros((max(sizes), *x.shape[1:]))  # the collective needs equal shapes
+        padded[: x.shape[0]] = x
+        parts = dist.all_gather(padded)
+        gathered.append(torch.cat([part[:n_r] for part, n_r in zip(parts, sizes, strict=True)]))
+    return gathered
