@@ -72,7 +72,8 @@ def synth(out_dir: str, samples: int, val_samples: int | None, seed: int, sweeps
 @_friendly
 def extract(**kwargs) -> None:
     """Run the frozen teacher once and cache pooled layer features in a Zarr store."""
-    from .extract import ExtractOptions, extract as run
+    from .extract import ExtractOptions
+    from .extract import extract as run
 
     kwargs["cfg_options"] = list(kwargs["cfg_options"])
     info = run(ExtractOptions(**kwargs))
@@ -165,7 +166,8 @@ def verify(store: str, config: str | None, cfg_options: tuple[str, ...], data_ro
 @_friendly
 def train(**kwargs) -> None:
     """Train the student with its task loss + alpha * CRD against cached teacher features."""
-    from .train import TrainOptions, train as run
+    from .train import TrainOptions
+    from .train import train as run
 
     kwargs["cfg_options"] = list(kwargs["cfg_options"])
     kwargs["distill_options"] = list(kwargs["distill_options"])

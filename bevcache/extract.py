@@ -78,7 +78,7 @@ def model_hash(cfg) -> str:
 def build_teacher(cfg, checkpoint: str | None, device: torch.device) -> torch.nn.Module:
     """Build a frozen, eval-mode model from a config and (optionally) a checkpoint."""
     from mmdet3d.registry import MODELS
-    from mmengine.runner import load_checkpoint
+    from mmengine.runner import load_state_dict
 
     try:
         model = MODELS.build(cfg.model)
@@ -87,12 +87,20 @@ def build_teacher(cfg, checkpoint: str | None, device: torch.device) -> torch.nn
     if checkpoint:
         if not Path(checkpoint).is_file():
             raise ConfigError(f"checkpoint not found: {checkpoint}")
+        # mmengine checkpoints pickle their message hub, which torch>=2.6's weights-only loader
+        # refuses; a checkpoint named on the command line is trusted as mmengine always did.
         try:
-            load_checkpoint(model, checkpoint, map_location="cpu", strict=True, logger="silent")
+            state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise ConfigError(f"cannot read checkpoint {checkpoint}: {type(exc).__name__}: {exc}") from None
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        try:
+            load_state_dict(model, state, strict=True)
         except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[:3]
+            first = " ".join(str(exc).strip().splitlines()[:3])[:400]
             raise ConfigError(
-                f"checkpoint {checkpoint} does not fit the config's model ({' '.join(first)}). "
+                f"checkpoint {checkpoint} does not fit the config's model ({first}). "
                 "Pass the checkpoint trained with this config."
             ) from None
     else:
@@ -111,7 +119,7 @@ def teacher_batches(model, dataset, batches: list[list[int]], num_workers: int) 
     from torch.utils.data import DataLoader
 
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=pseudo_collate)
-    for indices, batch in zip(batches, loader):
+    for indices, batch in zip(batches, loader, strict=True):
         yield indices, model.data_preprocessor(batch, False)
 
 

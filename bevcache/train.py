@@ -17,8 +17,15 @@ from pathlib import Path
 
 import torch
 
-from .data import (INDEX_PRESERVING_WRAPPERS, build_base_dataset, dataset_identity, random_transforms,
-                   set_data_root, strip_random_transforms, test_pipeline)
+from .data import (
+    INDEX_PRESERVING_WRAPPERS,
+    build_base_dataset,
+    dataset_identity,
+    random_transforms,
+    set_data_root,
+    strip_random_transforms,
+    test_pipeline,
+)
 from .errors import ConfigError, StoreError
 from .features import LayerRecorder
 from .runtime import init_distributed, load_config, parse_cfg_options, setup_runtime

@@ -22,13 +22,38 @@ def bevcache(*args: str, log_file: Path | None = None) -> float:
     if log_file is None:
         subprocess.run(cmd, cwd=REPO, check=True)
     else:
+        # Everything goes to the log; progress lines (mmengine's epoch/iter lines, metrics,
+        # bevcache's own messages) are echoed, so a long step still shows it is moving.
         log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(log_file, "w") as fh:
-            proc = subprocess.run(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for line in proc.stdout:
+                fh.write(line)
+                if any(key in line for key in PROGRESS_MARKERS):
+                    print("   " + _shorten(line.rstrip()), flush=True)
+            proc.wait()
         if proc.returncode:
             tail = log_file.read_text().splitlines()[-30:]
             sys.exit(f"command failed (exit {proc.returncode}), last lines of {log_file}:\n" + "\n".join(tail))
     return time.perf_counter() - t0
+
+
+PROGRESS_MARKERS = ("Epoch(train)", "Epoch(val)", "bevcache INFO", "bevcache WARNING", "error:")
+
+
+def _shorten(line: str) -> str:
+    """mmengine's lines list every loss / per-class metric; keep what shows progress."""
+    import re
+
+    head = re.search(r"Epoch\((train|val)\)\s*\[\d+\](\[\s*\d+/\d+\])?", line)
+    if not head:
+        return line[:160]
+    fields = [head.group(0)]
+    for key in ("eta", "time", "loss", "mAP", "NDS"):
+        match = re.search(rf"(?:^|\s|/){key}: ([0-9.:e-]+)", line)
+        if match:
+            fields.append(f"{key} {match.group(1)}")
+    return "  ".join(fields)
 
 
 def val_history(work_dir: Path) -> list[dict]:

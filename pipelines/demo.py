@@ -10,16 +10,22 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 from common import REPO, bevcache, final_metrics
 
-TRAIN = int(os.environ.get("DEMO_TRAIN_SAMPLES", 240))
-VAL = int(os.environ.get("DEMO_VAL_SAMPLES", 60))
-TEACHER_EPOCHS = int(os.environ.get("DEMO_TEACHER_EPOCHS", 6))
-STUDENT_EPOCHS = int(os.environ.get("DEMO_STUDENT_EPOCHS", 4))
+TRAIN = int(os.environ.get("DEMO_TRAIN_SAMPLES", 200))
+VAL = int(os.environ.get("DEMO_VAL_SAMPLES", 50))
+TEACHER_EPOCHS = int(os.environ.get("DEMO_TEACHER_EPOCHS", 4))
+STUDENT_EPOCHS = int(os.environ.get("DEMO_STUDENT_EPOCHS", 3))
 DATA = REPO / "data" / "synthetic-nus"
 OUT = REPO / "work_dirs" / "demo"
+
+
+def cfg_options(max_epochs: int) -> list[str]:
+    """Train for max_epochs with one validation at the end (cosine schedule follows)."""
+    items = [f"train_cfg.max_epochs={max_epochs}", f"train_cfg.val_interval={max_epochs}",
+             f"param_scheduler.1.end={max_epochs}", f"param_scheduler.1.T_max={max_epochs}"]
+    return [arg for item in items for arg in ("--cfg-options", item)]
 
 
 def main() -> None:
@@ -29,15 +35,13 @@ def main() -> None:
         times["synth"] = bevcache("synth", str(DATA), "--samples", str(TRAIN), "--val-samples", str(VAL), "--seed", "0")
     print(f"[demo 1/4] train the teacher ({TEACHER_EPOCHS} epochs); log: {OUT / 'teacher.log'}", flush=True)
     times["teacher"] = bevcache("train", "--student", "configs/tiny_teacher.py", "--plain", "--work-dir", str(OUT / "teacher"),
-                                "--data-root", str(DATA), "--cfg-options", f"train_cfg.max_epochs={TEACHER_EPOCHS}",
-                                f"train_cfg.val_interval={TEACHER_EPOCHS}", log_file=OUT / "teacher.log")
+                                "--data-root", str(DATA), *cfg_options(max_epochs=TEACHER_EPOCHS), log_file=OUT / "teacher.log")
     teacher_ckpt = (OUT / "teacher" / "last_checkpoint").read_text().strip()
     print("[demo 2/4] extract the teacher's pts_neck once", flush=True)
     times["extract"] = bevcache("extract", "--config", "configs/tiny_teacher.py", "--checkpoint", teacher_ckpt,
                                 "--out", str(OUT / "features.zarr"), "--data-root", str(DATA), "--overwrite")
     bevcache("info", str(OUT / "features.zarr"))
-    student_opts = ["--data-root", str(DATA), "--cfg-options", f"train_cfg.max_epochs={STUDENT_EPOCHS}",
-                    f"train_cfg.val_interval={STUDENT_EPOCHS}"]
+    student_opts = ["--data-root", str(DATA), *cfg_options(max_epochs=STUDENT_EPOCHS)]
     print(f"[demo 3/4] train the student plainly ({STUDENT_EPOCHS} epochs)", flush=True)
     times["student plain"] = bevcache("train", "--student", "configs/tiny_student.py", "--plain", "--work-dir",
                                       str(OUT / "student_plain"), *student_opts, log_file=OUT / "student_plain.log")

@@ -86,7 +86,7 @@ def test_cached_training_equals_online_training(data_root, fp32_store, teacher_c
     online_runner, online = run(short_run(_cfg(data_root, teacher_online=TEACHER, teacher_checkpoint=teacher_ckpt),
                                           tmp_path / "online", 3))
     assert cached.samples == online.samples
-    for a, b in zip(cached.losses, online.losses):
+    for a, b in zip(cached.losses, online.losses, strict=True):
         assert set(a) == set(b) and "loss_crd_pts_neck" in a
         for key in a:
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (key, cached.losses, online.losses)
@@ -159,7 +159,7 @@ def test_resume_mid_run_reproduces_the_next_losses(data_root, fp32_store, tmp_pa
     assert "crd.pts_neck.memory_s" in state and "crd.pts_neck.z_s" in state
     runner, resumed = run(short_run(_cfg(data_root, cache=fp32_store, resume=str(ckpt)), tmp_path / "part", 4))
     assert len(resumed.losses) == 2
-    for a, b in zip(full.losses[2:], resumed.losses):
+    for a, b in zip(full.losses[2:], resumed.losses, strict=True):
         for key in a:
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (key, full.losses, resumed.losses)
 
@@ -190,3 +190,16 @@ def test_two_process_training_keeps_memory_banks_identical(data_root, fp32_store
     for key in ("memory_s", "memory_t", "z_s", "z_t"):
         assert torch.equal(banks[0][key], banks[1][key]), key
     assert not torch.equal(banks[0]["memory_s"], initial["memory_s"])  # the banks did move
+
+
+def test_a_runner_checkpoint_is_a_valid_teacher_and_a_wrong_one_is_refused(data_root, tmp_path):
+    """Real mmengine checkpoints (message hub inside) load for extraction; a student's does not fit."""
+    from bevcache.extract import build_teacher
+    from bevcache.runtime import load_config
+
+    run(short_run(_cfg(data_root), tmp_path / "student", 1, ckpt_interval=1))  # plain student run
+    teacher_cfg = load_config(TEACHER)
+    with pytest.raises(ConfigError, match="does not fit the config's model"):
+        build_teacher(teacher_cfg, str(tmp_path / "student" / "iter_1.pth"), torch.device("cpu"))
+    student = build_teacher(load_config(STUDENT), str(tmp_path / "student" / "iter_1.pth"), torch.device("cpu"))
+    assert not student.training and not any(p.requires_grad for p in student.parameters())
