@@ -202,12 +202,18 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers, the same for every path.")
     p.add_argument("--chunk-rows", type=int, default=16, help="Store block size (small: both ranks get blocks).")
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2, help="Threads of the 1-process torchrun run (split over 2).")
+    p.add_argument("--threads", type=int, default=None,
+                   help="Threads of the 1-process torchrun run, split over 2 processes in the other "
+                        "[default: torch's thread count here, i.e. OMP_NUM_THREADS; make bench sets 2].")
     p.add_argument("--parts", default="inproc,torchrun", help="Which parts to run: inproc, torchrun.")
     args = p.parse_args()
     if args.quick:
         args.samples, args.batch_size, args.workers, args.chunk_rows, args.reps = 12, 2, 0, 2, 1
     parts = set(args.parts.split(","))
+    if args.threads is None:
+        import torch
+
+        args.threads = torch.get_num_threads()
     warn_if_busy()
     mach = machine()
     work = Path(args.work) / ("quick" if args.quick else "")

@@ -111,24 +111,26 @@ def child(args) -> None:
     runner.register_hook(start, priority="LOWEST")  # its before_train_iter runs after every other hook's
     runner.register_hook(end, priority="HIGHEST")  # its after_train_iter runs before every other hook's
     profile = None
-    if args.profile:
-        from torch.profiler import ProfilerActivity, profile, schedule
+    if args.profile:  # profile the timed iterations only (started once the warm-up is over)
+        from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-        profile = profile(activities=activities, schedule=schedule(wait=0, warmup=args.warmup, active=args.iters),
-                          record_shapes=False)
+        profile = profile(activities=activities, record_shapes=True)
 
-        class Step(Hook):
-            def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
-                profile.step()
+        class StartProfile(Hook):
+            def before_train_iter(self, runner, batch_idx, data_batch=None):
+                if runner.iter == args.warmup:
+                    profile.start()
 
-        runner.register_hook(Step(), priority="LOWEST")
-        profile.start()
+        runner.register_hook(StartProfile(), priority="HIGHEST")
     runner.train()
     if profile is not None:
         profile.stop()
         sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-        Path(args.profile).write_text(profile.key_averages().table(sort_by=sort, row_limit=30))
+        Path(args.profile).write_text(
+            "By operator:\n" + profile.key_averages().table(sort_by=sort, row_limit=30)
+            + "\n\nBy operator and input shapes:\n"
+            + profile.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=20, max_name_column_width=40))
     n_params = sum(p.numel() for p in runner.model.parameters() if p.requires_grad)
     result = {
         "variant": args.child,

@@ -1,6 +1,6 @@
 """`make bench`: run every benchmark in turn (each in its own process) and collect their tables.
 
-    .venv/bin/python benchmarks/run_all.py                    # full: alone on the machine, ~25 min on 2 cores
+    .venv/bin/python benchmarks/run_all.py                    # full: alone on the machine, ~15 min on 2 cores
     .venv/bin/python benchmarks/run_all.py --quick            # smoke test of every script
     .venv/bin/python benchmarks/run_all.py --only store,crd   # a subset
 
@@ -51,7 +51,7 @@ def main() -> None:
             continue
         # The report: from the first table heading on, without the library's warnings.
         first = next((i for i, line in enumerate(lines) if line.startswith("### ")), len(lines))
-        body = [line for line in lines[first:] if "Warning" not in line and not line.startswith("  from ")]
+        body = [line for line in lines[first:] if "Warning" not in line and not line.startswith(("  from ", "[bench]", "USDT:"))]
         sections.append(f"## bench_{name}.py ({seconds:.0f} s)\n\n" + "".join(body).strip() + "\n")
         print(f"=== bench_{name}.py done in {seconds:.0f} s", flush=True)
     out = (REPO / "work_dirs" / "bench" / "quick" if args.quick else HERE / "results") / "summary.md"

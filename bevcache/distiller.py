@@ -71,9 +71,11 @@ class CRDDistiller(BaseModel):
 
             store = open_store(cache)
             self.store_tokens = list(store.tokens)
-            for t in set(self.layers.values()):
-                # Non-persistent: follows .to(device), never written into checkpoints.
-                self.register_buffer(f"teacher_table__{_key(t)}", store.read_table(t), persistent=False)
+            table_dtype = torch.float16 if store.dtype == "float16" else torch.float32
+            for t in sorted(set(self.layers.values())):
+                # Kept in the store's dtype (half the memory of float32 for a float16 store) and
+                # cast per batch. Non-persistent: follows .to(device), never in checkpoints.
+                self.register_buffer(f"teacher_table__{_key(t)}", store.read_table(t, dtype=table_dtype), persistent=False)
         else:
             from .extract import build_teacher
 
@@ -96,7 +98,7 @@ class CRDDistiller(BaseModel):
 
     def _teacher_features(self, inputs: dict, data_samples: list, rows: Tensor) -> dict[str, Tensor]:
         if self.teacher is None:
-            return {t: getattr(self, f"teacher_table__{_key(t)}")[rows] for t in set(self.layers.values())}
+            return {t: getattr(self, f"teacher_table__{_key(t)}")[rows].float() for t in set(self.layers.values())}
         data = self.teacher.data_preprocessor({"inputs": inputs, "data_samples": data_samples}, False)
         with torch.no_grad():
             self.teacher_recorder.run(self.teacher, **data, mode="predict")

@@ -57,4 +57,4 @@ model = dict(
             post_center_limit_range=[-30, -30, -10.0, 30, 30, 10.0], max_per_img=200,
             max_pool_nms=False, min_radius=[4, 12, 10, 1, 0.85, 0.175], score_threshold=0.05,
             pc_range=pc_range[:2], out_size_factor=out_size_factor, voxel_size=voxel_size[:2],
-            nms_type='rotate', pre_max_size=500, post_max_size=100, nms_thr=0.2)))
+            nms_type='rotate', pre_max_size=500, post_max_size=83, nms_thr=0.2)))

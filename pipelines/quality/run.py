@@ -1,0 +1,459 @@
+"""`make quality`: does cached CRD match online CRD, cost what plain training costs, and help?
+
+synth data -> train the tiny teacher -> `bevcache extract` -> train the tiny student, each for S
+seeds with the same schedule and a validation every epoch:
+  (a) plain            `bevcache train --plain`
+  (b) cached CRD       `bevcache train --cache features.zarr`
+  (c) online CRD       `bevcache train --teacher-online configs/tiny_teacher.py --teacher-checkpoint ...`
+plus optional tuning variants of (b) (`--alpha 0.5,2`, `--nce-k 256,1024`).
+Writes docs/quality/report.md, results.json, map_over_epochs.png, time_per_epoch.png.
+
+Resumable: every finished step leaves a `quality_run.json` (its settings, metrics and wall clock)
+in its work dir, and a re-run reuses any step whose settings match; an interrupted step is
+started again from scratch (so its wall clock stays a real one).
+
+    .venv/bin/python pipelines/quality/run.py                 # 1200/300 samples, 3 seeds, 8 epochs: ~8 h on 2 cores
+    .venv/bin/python pipelines/quality/run.py --quick         # smoke test -> work_dirs/quality-quick/
+    .venv/bin/python pipelines/quality/run.py --alpha 0.5,2 --nce-k 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # pipelines/common.py
+
+from common import REPO, bevcache, val_history  # noqa: E402
+
+TEACHER_CFG = "configs/tiny_teacher.py"
+STUDENT_CFG = "configs/tiny_student.py"
+MARKER = "quality_run.json"
+LABELS = {"plain": "(a) plain", "cached": "(b) cached CRD", "online": "(c) online CRD"}
+TIME_KEYS = ("time", "data_time")
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--train", type=int, default=1200, help="Synthetic training samples (= CRD n_data).")
+    p.add_argument("--val", type=int, default=300, help="Synthetic validation samples.")
+    p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--teacher-epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=8, help="Student epochs (validation after every epoch).")
+    p.add_argument("--seeds", type=int, default=3, help="Seeds per student variant (0..S-1).")
+    p.add_argument("--variants", default="plain,cached,online", help="Subset of plain,cached,online.")
+    p.add_argument("--alpha", default="", help="Extra cached-CRD variants with these alphas, e.g. 0.5,2.")
+    p.add_argument("--nce-k", default="", help="Extra cached-CRD variants with these nce_k, e.g. 256,1024.")
+    p.add_argument("--batch-size", type=int, default=None, help="Override the configs' batch size (4).")
+    p.add_argument("--data", default=None, help="Data root [default: data/quality-<train>-<val>-s<seed>].")
+    p.add_argument("--out", default=None, help="Work dir [default: work_dirs/quality, or work_dirs/quality-quick].")
+    p.add_argument("--report-dir", default=None, help="Report dir [default: docs/quality, or <out>/report with --quick].")
+    p.add_argument("--quick", action="store_true", help="24 train / 8 val, 1 epoch, 1 seed: a smoke test "
+                                                        "that writes under work_dirs/quality-quick/ only.")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.train, args.val, args.teacher_epochs, args.epochs, args.seeds = 24, 8, 1, 1, 1
+    args.out = Path(args.out or REPO / "work_dirs" / ("quality-quick" if args.quick else "quality")).resolve()
+    args.report_dir = Path(args.report_dir or (args.out / "report" if args.quick else REPO / "docs" / "quality")).resolve()
+    args.data = Path(args.data or REPO / "data" / f"quality-{args.train}-{args.val}-s{args.data_seed}").resolve()
+    return args
+
+
+def variants(args) -> list[dict]:
+    """Every student variant: name, kind, label and the extra `bevcache train` arguments."""
+    out = []
+    for kind in [v for v in args.variants.split(",") if v]:
+        if kind not in LABELS:
+            sys.exit(f"unknown variant {kind!r}; known: {list(LABELS)}")
+        out.append({"name": kind, "kind": kind, "label": LABELS[kind], "distill": {}})
+    for a in [x for x in args.alpha.split(",") if x]:
+        out.append({"name": f"cached-alpha{a}", "kind": "cached", "label": f"(b') cached CRD, alpha={a}",
+                    "distill": {"alpha": float(a)}})
+    for k in [x for x in args.nce_k.split(",") if x]:
+        if int(k) >= args.train:
+            sys.exit(f"--nce-k {k} must be below the number of training samples ({args.train}).")
+        out.append({"name": f"cached-k{k}", "kind": "cached", "label": f"(b') cached CRD, nce_k={k}",
+                    "distill": {"nce_k": int(k)}})
+    return out
+
+
+def iters_per_epoch(args) -> int:
+    return math.ceil(args.train / (args.batch_size or 4))
+
+
+@functools.cache
+def box_cap_items(config: str) -> tuple[str, ...]:
+    """Keep CenterPoint's boxes per sample within the nuScenes devkit's 500.
+
+    The devkit asserts `<= 500 boxes per sample`; a CenterHead keeps up to `post_max_size` boxes
+    per task, so the tiny configs (6 tasks x 100) can emit 600 for a barely trained model (first
+    validations) and crash the evaluation. Lower post_max_size when (and only when) the config
+    allows more than 500.
+    """
+    from mmengine.config import Config
+
+    cfg = Config.fromfile(str(REPO / config), import_custom_modules=False)
+    head, test = cfg.model.get("pts_bbox_head") or {}, (cfg.model.get("test_cfg") or {}).get("pts") or {}
+    tasks, per_task = len(head.get("tasks", [])), test.get("post_max_size")
+    if not tasks or not per_task or tasks * per_task <= 500 or test.get("nms_type") is None:
+        return ()
+    cap = 500 // tasks
+    print(f"[quality] {config}: {tasks} tasks x post_max_size {per_task} > the devkit's 500 boxes per sample: "
+          f"evaluating with post_max_size={cap}", flush=True)
+    return (f"model.test_cfg.pts.post_max_size={cap}",)
+
+
+def schedule_options(args, epochs: int, val_interval: int, seed: int, config: str) -> list[str]:
+    """`--cfg-options` items (each its own flag) for an `epochs`-long cosine schedule.
+
+    Iteration times are logged (and averaged) every min(10, iterations per epoch) iterations,
+    so even a tiny epoch logs its time.
+    """
+    log_every = min(10, iters_per_epoch(args))
+    items = [f"train_cfg.max_epochs={epochs}", f"train_cfg.val_interval={val_interval}",
+             f"param_scheduler.1.end={epochs}", f"param_scheduler.1.T_max={epochs}", f"randomness.seed={seed}",
+             f"default_hooks.logger.interval={log_every}", f"log_processor.window_size={log_every}",
+             *box_cap_items(config)]
+    batch_size = args.batch_size
+    if batch_size:
+        items.append(f"train_dataloader.batch_size={batch_size}")
+    return [arg for item in items for arg in ("--cfg-options", item)]
+
+
+def signature(**parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps (each reused when its marker says it finished with the same settings)
+
+
+def load_marker(work_dir: Path, sig: str) -> dict | None:
+    marker = work_dir / MARKER
+    if marker.is_file():
+        record = json.loads(marker.read_text())
+        if record.get("signature") == sig:
+            return record
+    return None
+
+
+def fresh(work_dir: Path) -> None:
+    """An unfinished or outdated step starts over in an empty work dir."""
+    if work_dir.exists():
+        print(f"[quality] {work_dir} is unfinished or outdated: starting it again", flush=True)
+        shutil.rmtree(work_dir)
+
+
+def epoch_times(work_dir: Path, iters_per_epoch: int) -> dict[int, float]:
+    """Training seconds per epoch: mean logged iteration time x iterations (validation excluded)."""
+    per_epoch: dict[int, list[float]] = {}
+    for scalars in sorted(Path(work_dir).glob("*/vis_data/scalars.json")):
+        for line in scalars.read_text().splitlines():
+            row = json.loads(line)
+            if "epoch" in row and "time" in row and "iter" in row:
+                per_epoch.setdefault(int(row["epoch"]), []).append(float(row["time"]))
+    return {e: statistics.fmean(t) * iters_per_epoch for e, t in sorted(per_epoch.items())}
+
+
+def train_run(args, work_dir: Path, log: Path, sig: str, train_args: list[str], epochs: int, what: str) -> dict:
+    done = load_marker(work_dir, sig)
+    if done:
+        print(f"[quality] {what}: done before, reused ({work_dir})", flush=True)
+        return done
+    fresh(work_dir)
+    print(f"[quality] {what} -> {work_dir} (log {log})", flush=True)
+    seconds = bevcache("train", *train_args, "--work-dir", str(work_dir), "--data-root", str(args.data), log_file=log)
+    history = val_history(work_dir)
+    if not history:
+        sys.exit(f"{what}: no validation metrics under {work_dir}; see {log}")
+    record = {"signature": sig, "what": what, "seconds": seconds, "history": history, "final": history[-1],
+              "epochs": epochs, "train_seconds_per_epoch": epoch_times(work_dir, iters_per_epoch(args)),
+              "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    (work_dir / MARKER).write_text(json.dumps(record, indent=2))
+    return record
+
+
+def teacher(args) -> tuple[dict, str]:
+    sig = signature(step="teacher", train=args.train, val=args.val, data_seed=args.data_seed,
+                    epochs=args.teacher_epochs, batch=args.batch_size)
+    work_dir = args.out / "teacher"
+    record = train_run(args, work_dir, args.out / "logs" / "teacher.log", sig,
+                       ["--student", TEACHER_CFG, "--plain",
+                        *schedule_options(args, args.teacher_epochs, args.teacher_epochs, 0, TEACHER_CFG)],
+                       args.teacher_epochs, "teacher")
+    ckpt = (work_dir / "last_checkpoint").read_text().strip()
+    return record, ckpt
+
+
+def extract(args, teacher_sig: str, ckpt: str) -> tuple[dict, Path]:
+    store = args.out / "features.zarr"
+    marker = args.out / "extract.json"
+    sig = signature(step="extract", teacher=teacher_sig)
+    if marker.is_file() and json.loads(marker.read_text()).get("signature") == sig and store.exists():
+        print(f"[quality] extract: done before, reused ({store})", flush=True)
+        return json.loads(marker.read_text()), store
+    print(f"[quality] extract the teacher's pts_neck -> {store}", flush=True)
+    seconds = bevcache("extract", "--config", TEACHER_CFG, "--checkpoint", ckpt, "--out", str(store),
+                       "--data-root", str(args.data), "--overwrite", log_file=args.out / "logs" / "extract.log")
+    record = {"signature": sig, "seconds": seconds, "store": str(store)}
+    marker.write_text(json.dumps(record, indent=2))
+    return record, store
+
+
+def student(args, variant: dict, seed: int, upstream: str, store: Path, ckpt: str) -> dict:
+    extra: list[str] = []
+    if variant["kind"] == "plain":
+        extra = ["--plain"]
+    elif variant["kind"] == "cached":
+        extra = ["--cache", str(store)]
+    else:
+        extra = ["--teacher-online", TEACHER_CFG, "--teacher-checkpoint", ckpt]
+    for key, value in variant["distill"].items():
+        extra += ["--distill", f"{key}={value}"]
+    sig = signature(step="student", variant=variant["name"], distill=variant["distill"], seed=seed, epochs=args.epochs,
+                    batch=args.batch_size, train=args.train, val=args.val, data_seed=args.data_seed,
+                    upstream=upstream if variant["kind"] != "plain" else None)
+    name = f"{variant['name']}-seed{seed}"
+    return train_run(args, args.out / "runs" / name, args.out / "logs" / f"{name}.log", sig,
+                     ["--student", STUDENT_CFG, *extra, *schedule_options(args, args.epochs, 1, seed, STUDENT_CFG)],
+                     args.epochs, f"student {variant['label']}, seed {seed}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Aggregation, verdicts, report
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    xs = [float(x) for x in xs if x is not None and not math.isnan(float(x))]
+    if not xs:
+        return float("nan"), float("nan")
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def aggregate(runs: list[dict]) -> dict:
+    per_epoch_train = [statistics.fmean(r["train_seconds_per_epoch"].values()) for r in runs if r["train_seconds_per_epoch"]]
+    curves: dict[int, list[tuple[float, float]]] = {}
+    for r in runs:
+        for h in r["history"]:
+            curves.setdefault(int(h["step"]), []).append((h["mAP"], h["NDS"]))
+    return {
+        "n": len(runs),
+        "mAP": mean_std([r["final"]["mAP"] for r in runs]),
+        "NDS": mean_std([r["final"]["NDS"] for r in runs]),
+        "wall_seconds": mean_std([r["seconds"] for r in runs]),
+        "train_seconds_per_epoch": mean_std(per_epoch_train),
+        "curve": {e: {"mAP": mean_std([m for m, _ in v]), "NDS": mean_std([n for _, n in v])}
+                  for e, v in sorted(curves.items())},
+    }
+
+
+def compare(a: list[dict], b: list[dict], key: str) -> dict:
+    """b - a on the final `key`: mean difference, its standard error, and seed-paired wins."""
+    xa = [r["final"][key] for r in a]
+    xb = [r["final"][key] for r in b]
+    ma, sa = mean_std(xa)
+    mb, sb = mean_std(xb)
+    se = math.sqrt((sa**2 / len(xa) if len(xa) > 1 else 0) + (sb**2 / len(xb) if len(xb) > 1 else 0))
+    paired = [y - x for x, y in zip(xa, xb, strict=False)]
+    return {"delta": mb - ma, "se": se, "paired": paired, "wins": sum(d > 0 for d in paired), "n": len(paired)}
+
+
+def verdicts(agg: dict, runs: dict, extract_seconds: float | None) -> list[str]:
+    lines = []
+
+    def diff_text(c: dict, key: str) -> str:
+        se = f" ± {c['se']:.4f} (SE)" if c["se"] > 0 else " (one seed: no error bar)"
+        return f"Δ{key} = {c['delta']:+.4f}{se}"
+
+    if "cached" in runs and "online" in runs:
+        c_map, c_nds = compare(runs["online"], runs["cached"], "mAP"), compare(runs["online"], runs["cached"], "NDS")
+        close = all(abs(c["delta"]) <= 2 * c["se"] if c["se"] > 0 else abs(c["delta"]) < 0.01 for c in (c_map, c_nds))
+        bound = "twice the standard error" if c_map["se"] > 0 else "0.01 (one seed, no error bar)"
+        lines.append(f"- **(b) ≈ (c) in quality?** {'Yes' if close else 'No'}: cached − online "
+                     f"{diff_text(c_map, 'mAP')}, {diff_text(c_nds, 'NDS')}"
+                     + (f" — within {bound}." if close else f" — outside {bound}."))
+    if "cached" in agg and "plain" in agg:
+        ratio = agg["cached"]["train_seconds_per_epoch"][0] / agg["plain"]["train_seconds_per_epoch"][0]
+        wall = agg["cached"]["wall_seconds"][0] / agg["plain"]["wall_seconds"][0]
+        amort = ""
+        if extract_seconds and "online" in agg:
+            saved = agg["online"]["train_seconds_per_epoch"][0] - agg["cached"]["train_seconds_per_epoch"][0]
+            if saved > 0:
+                amort = (f" The one-off extraction ({extract_seconds:.0f} s) is repaid after "
+                         f"{extract_seconds / saved:.1f} epochs against online CRD.")
+        lines.append(f"- **(b) ≈ (a) in cost?** {'Yes' if ratio <= 1.05 else 'No'}: training time per epoch "
+                     f"cached / plain = {ratio:.3f} (target ≤ 1.05); whole run incl. validation {wall:.3f}.{amort}")
+        c = compare(runs["plain"], runs["cached"], "mAP")
+        c_nds = compare(runs["plain"], runs["cached"], "NDS")
+        if c["se"] > 0 and c["delta"] > 2 * c["se"]:
+            verdict = "Yes"
+        elif c["se"] > 0 and c["delta"] < -2 * c["se"]:
+            verdict = "No, it is worse"
+        else:
+            verdict = "Not shown" if c["se"] > 0 else "Undecided (one seed)"
+        lines.append(f"- **Does (b) beat (a)?** {verdict}: cached − plain {diff_text(c, 'mAP')}, "
+                     f"{diff_text(c_nds, 'NDS')}; cached wins {c['wins']} of {c['n']} seed-paired runs on mAP.")
+    if "online" in agg and "plain" in agg:
+        ratio = agg["online"]["train_seconds_per_epoch"][0] / agg["plain"]["train_seconds_per_epoch"][0]
+        lines.append(f"- Online CRD costs {ratio:.2f}x plain training per epoch "
+                     f"({agg['online']['train_seconds_per_epoch'][0] / agg['cached']['train_seconds_per_epoch'][0]:.2f}x cached)."
+                     if "cached" in agg else f"- Online CRD costs {ratio:.2f}x plain training per epoch.")
+    return lines
+
+
+def fmt_ms(pair: tuple[float, float], digits: int = 4) -> str:
+    m, s = pair
+    return "-" if math.isnan(m) else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def plots(report_dir: Path, agg: dict, order: list[dict], teacher_final: dict) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    files = []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key in zip(axes, ("mAP", "NDS"), strict=True):
+        for v in order:
+            curve = agg[v["name"]]["curve"]
+            epochs = list(curve)
+            mean = [curve[e][key][0] for e in epochs]
+            std = [curve[e][key][1] for e in epochs]
+            (line,) = ax.plot(epochs, mean, marker="o", label=v["label"])
+            ax.fill_between(epochs, [m - s for m, s in zip(mean, std, strict=True)],
+                            [m + s for m, s in zip(mean, std, strict=True)], alpha=0.15, color=line.get_color())
+        ax.axhline(teacher_final[key], color="k", ls="--", lw=1, label="teacher (final)")
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(f"val {key}")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Tiny student on synthetic nuScenes: validation over epochs (mean ± std over seeds)")
+    fig.tight_layout()
+    fig.savefig(report_dir / "map_over_epochs.png", dpi=120)
+    plt.close(fig)
+    files.append("map_over_epochs.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    names = [v["label"] for v in order]
+    means = [agg[v["name"]]["train_seconds_per_epoch"][0] for v in order]
+    stds = [agg[v["name"]]["train_seconds_per_epoch"][1] for v in order]
+    bars = ax.bar(range(len(order)), means, yerr=stds, capsize=4, color=[f"C{i}" for i in range(len(order))])
+    for bar, m in zip(bars, means, strict=True):
+        ax.annotate(f"{m:.0f} s", (bar.get_x() + bar.get_width() / 2, m), ha="center", va="bottom", fontsize=8,
+                    xytext=(0, 3), textcoords="offset points")
+    ax.set_xticks(range(len(order)), names, rotation=15, ha="right", fontsize=8)
+    ax.set_ylabel("training seconds per epoch")
+    ax.set_title("Training cost per epoch (validation excluded; mean ± std over seeds)", fontsize=10)
+    ax.set_ylim(0, max(m + s for m, s in zip(means, stds, strict=True)) * 1.15)
+    fig.tight_layout()
+    fig.savefig(report_dir / "time_per_epoch.png", dpi=120)
+    plt.close(fig)
+    files.append("time_per_epoch.png")
+    return files
+
+
+def report(args, order: list[dict], runs: dict, teacher_rec: dict, extract_rec: dict | None, *, seeds_done: int) -> None:
+    import torch
+
+    args.report_dir.mkdir(parents=True, exist_ok=True)
+    agg = {name: aggregate(rs) for name, rs in runs.items() if rs}
+    order = [v for v in order if v["name"] in agg]
+    extract_seconds = extract_rec["seconds"] if extract_rec else None
+    lines = verdicts(agg, runs, extract_seconds)
+    files = plots(args.report_dir, agg, order, teacher_rec["final"]) if order else []
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU {cpu}, {os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}"
+    nce_k = min(16384, args.train - 1)
+    md = [
+        "# bevcache quality report" + (" (QUICK SMOKE RUN: not a result)" if args.quick else ""),
+        "",
+        *([f"**Partial: {seeds_done} of {args.seeds} seeds finished so far.**", ""] if seeds_done < args.seeds else []),
+        f"Synthetic nuScenes-format data: {args.train} train / {args.val} val samples (data seed {args.data_seed}). "
+        f"Teacher `{TEACHER_CFG}` (pts_neck 512) trained {args.teacher_epochs} epoch(s); student `{STUDENT_CFG}` "
+        f"(pts_neck 256) trained {args.epochs} epoch(s) per run with validation after every epoch, "
+        f"{args.seeds} seed(s) per variant (`randomness.seed` = 0..{args.seeds - 1}), batch size {args.batch_size or 4}. "
+        f"CRD: the config's `distill` settings (alpha 1, feat_dim 128, nce_t 0.07, nce_m 0.5), n_data = {args.train}, "
+        f"nce_k clamped to {nce_k}. Device: {device}.",
+        "",
+        "| model | seeds | mAP (final) | NDS (final) | train s/epoch | wall clock per run |",
+        "|---|---|---|---|---|---|",
+        f"| teacher (pts_neck 512) | 1 | {teacher_rec['final']['mAP']:.4f} | {teacher_rec['final']['NDS']:.4f} | "
+        f"{fmt_ms(mean_std(list(teacher_rec['train_seconds_per_epoch'].values())), 0)} | {teacher_rec['seconds']:.0f} s |",
+    ]
+    for v in order:
+        a = agg[v["name"]]
+        md.append(f"| {v['label']} | {a['n']} | {fmt_ms(a['mAP'])} | {fmt_ms(a['NDS'])} | "
+                  f"{fmt_ms(a['train_seconds_per_epoch'], 0)} | {fmt_ms(a['wall_seconds'], 0)} s |")
+    if extract_rec:
+        md += ["", f"Extraction (`bevcache extract`, once, {args.train} samples): {extract_rec['seconds']:.0f} s wall clock."]
+    md += ["", "mean ± std over seeds; train s/epoch = mean logged iteration time × iterations per epoch "
+               "(validation and start-up excluded); wall clock = the whole `bevcache train` command.", "",
+           "## Verdict", "", *lines, ""]
+    md += [f"![{f}]({f})" for f in files]
+    md += ["", "## Per run", "", "| variant | seed | mAP | NDS | wall s | mAP by epoch |", "|---|---|---|---|---|---|"]
+    for v in order:
+        for r in runs[v["name"]]:
+            curve = " ".join(f"{h['mAP']:.3f}" for h in r["history"])
+            md.append(f"| {v['label']} | {r['seed']} | {r['final']['mAP']:.4f} | {r['final']['NDS']:.4f} | "
+                      f"{r['seconds']:.0f} | {curve} |")
+    cmd = "pipelines/quality/run.py " + " ".join(sys.argv[1:])
+    md += ["", f"Reproduce: `.venv/bin/python {cmd.strip()}` (finished runs under `{args.out}` are reused)."]
+    (args.report_dir / "report.md").write_text("\n".join(md) + "\n")
+    results = {
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "seeds_done": seeds_done,
+        "device": device, "teacher": teacher_rec, "extract": extract_rec,
+        "variants": {v["name"]: {**v, "aggregate": agg[v["name"]], "runs": runs[v["name"]]} for v in order},
+        "verdict": lines,
+    }
+    (args.report_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print("\n" + "\n".join(md[:8 + len(order)]) + "\n\n" + "\n".join(lines))
+    print(f"\nreport: {args.report_dir / 'report.md'}")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    order = variants(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not (args.data / "nuscenes_infos_val.pkl").is_file():
+        if args.data.exists():
+            shutil.rmtree(args.data)
+        bevcache("synth", str(args.data), "--samples", str(args.train), "--val-samples", str(args.val),
+                 "--seed", str(args.data_seed), log_file=args.out / "logs" / "synth.log")
+    teacher_rec, ckpt = teacher(args)
+    need_store = any(v["kind"] in ("cached", "online") for v in order)
+    extract_rec, store = extract(args, teacher_rec["signature"], ckpt) if need_store else (None, None)
+    upstream = signature(teacher=teacher_rec["signature"], extract=extract_rec["signature"] if extract_rec else None)
+    runs: dict[str, list[dict]] = {v["name"]: [] for v in order}
+    # Seed-major order, and a report after every seed: an interrupted recipe still has a report
+    # in which every variant has the same seeds.
+    for seed in range(args.seeds):
+        for v in order:
+            record = student(args, v, seed, upstream, store, ckpt)
+            runs[v["name"]].append({**record, "seed": seed})
+        report(args, order, runs, teacher_rec, extract_rec, seeds_done=seed + 1)
+
+
+if __name__ == "__main__":
+    main()
