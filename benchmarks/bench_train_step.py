@@ -53,20 +53,12 @@ LABELS = {"plain": "(a) plain student", "cached": "(b) student + cached CRD", "o
 
 
 def _short_run(cfg, work_dir: Path, iters: int, *, batch_size: int, workers: int, seed: int):
-    """Iteration-based, tiny, no validation/checkpoints, constant LR (as tests/test_train.py)."""
-    cfg.work_dir = str(work_dir)
-    cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=iters, val_interval=10**9)
-    cfg.param_scheduler = []
-    cfg.default_hooks.checkpoint = dict(type="CheckpointHook", interval=10**9, by_epoch=False, save_last=False)
+    """Iteration-based, tiny, no validation/checkpoints, constant LR (bevcache.train.iteration_run)."""
+    from bevcache.train import iteration_run
+
+    cfg = iteration_run(cfg, work_dir=work_dir, iters=iters, batch_size=batch_size, workers=workers, seed=seed)
     cfg.default_hooks.logger = dict(type="LoggerHook", interval=10)
     cfg.log_processor = dict(type="LogProcessor", window_size=10, by_epoch=False)
-    cfg.train_dataloader.batch_size = batch_size
-    cfg.train_dataloader.num_workers = workers
-    cfg.train_dataloader.persistent_workers = False
-    cfg.train_dataloader.sampler = dict(type="InfiniteSampler", shuffle=True)
-    cfg.val_dataloader = cfg.val_cfg = cfg.val_evaluator = None
-    cfg.test_dataloader = cfg.test_cfg = cfg.test_evaluator = None
-    cfg.randomness = dict(seed=seed, deterministic=False)
     return cfg
 
 

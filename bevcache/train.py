@@ -224,3 +224,22 @@ def train(opts: TrainOptions):
             ckpt = last.read_text().strip()
             export_student(ckpt, str(Path(runner.work_dir) / "student_weights.pth"))
     return runner
+
+
+def iteration_run(cfg, *, work_dir: str | Path, iters: int, batch_size: int = 2, workers: int = 0,
+                  seed: int = 0, checkpoint_interval: int | None = None, shuffle: bool = True):
+    """Turn a Runner config into a short iteration-based run (tests, benchmarks, smoke checks):
+    `iters` steps at constant LR, no validation, checkpoints every `checkpoint_interval` steps."""
+    cfg.work_dir = str(work_dir)
+    cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=iters, val_interval=10**9)
+    cfg.param_scheduler = []
+    cfg.default_hooks.checkpoint = dict(type="CheckpointHook", interval=checkpoint_interval or 10**9,
+                                        by_epoch=False, save_last=checkpoint_interval is not None)
+    cfg.default_hooks.logger = dict(type="LoggerHook", interval=1)
+    cfg.log_processor = dict(type="LogProcessor", window_size=1, by_epoch=False)
+    cfg.train_dataloader.update(batch_size=batch_size, num_workers=workers, persistent_workers=False,
+                                sampler=dict(type="InfiniteSampler", shuffle=shuffle))
+    cfg.val_dataloader = cfg.val_cfg = cfg.val_evaluator = None
+    cfg.test_dataloader = cfg.test_cfg = cfg.test_evaluator = None
+    cfg.randomness = dict(seed=seed, deterministic=False)
+    return cfg

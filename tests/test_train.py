@@ -13,7 +13,7 @@ from mmengine.hooks import Hook
 
 from bevcache.errors import ConfigError, StoreMismatch
 from bevcache.extract import ExtractOptions, extract
-from bevcache.train import TrainOptions, build_train_config
+from bevcache.train import TrainOptions, build_train_config, iteration_run
 
 from .conftest import CONFIGS, REPO, tiny_cfg
 from .test_extract import teacher_ckpt  # noqa: F401  (module fixture reused)
@@ -35,21 +35,9 @@ class Recorder(Hook):
 
 def short_run(cfg, work_dir: Path, iters: int, *, ckpt_interval: int = 1000, batch_size: int = 2, workers: int = 0,
               shuffle: bool = True):
-    """Make a config iteration-based and tiny: `iters` steps, no validation, constant LR."""
-    cfg.work_dir = str(work_dir)
-    cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=iters, val_interval=10**6)
-    cfg.param_scheduler = []
-    cfg.default_hooks.checkpoint = dict(type="CheckpointHook", interval=ckpt_interval, by_epoch=False)
-    cfg.default_hooks.logger = dict(type="LoggerHook", interval=1)
-    cfg.log_processor = dict(type="LogProcessor", window_size=1, by_epoch=False)
-    cfg.train_dataloader.batch_size = batch_size
-    cfg.train_dataloader.num_workers = workers
-    cfg.train_dataloader.persistent_workers = False
-    cfg.train_dataloader.sampler = dict(type="InfiniteSampler", shuffle=shuffle)
-    cfg.val_dataloader = cfg.val_cfg = cfg.val_evaluator = None
-    cfg.test_dataloader = cfg.test_cfg = cfg.test_evaluator = None
-    cfg.randomness = dict(seed=7, deterministic=False)
-    return cfg
+    """A tiny iteration-based run of `cfg` (seed 7, no validation, constant LR)."""
+    return iteration_run(cfg, work_dir=work_dir, iters=iters, batch_size=batch_size, workers=workers, seed=7,
+                         checkpoint_interval=ckpt_interval, shuffle=shuffle)
 
 
 def run(cfg):
