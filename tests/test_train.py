@@ -191,3 +191,31 @@ def test_a_runner_checkpoint_is_a_valid_teacher_and_a_wrong_one_is_refused(data_
         build_teacher(teacher_cfg, str(tmp_path / "student" / "iter_1.pth"), torch.device("cpu"))
     student = build_teacher(load_config(STUDENT), str(tmp_path / "student" / "iter_1.pth"), torch.device("cpu"))
     assert not student.training and not any(p.requires_grad for p in student.parameters())
+
+
+AUGMENTED_STUDENT = """
+_base_ = ['{student}']
+train_dataloader = dict(dataset=dict(pipeline=[
+    dict(type='LoadPointsFromFile', coord_type='LIDAR', load_dim=5, use_dim=4),
+    dict(type='LoadAnnotations3D', with_bbox_3d=True, with_label_3d=True),
+    dict(type='GlobalRotScaleTrans', rot_range=[-0.3, 0.3], scale_ratio_range=[0.95, 1.05]),
+    dict(type='RandomFlip3D', flip_ratio_bev_horizontal=0.5),
+    dict(type='Pack3DDetInputs', keys=['points', 'gt_bboxes_3d', 'gt_labels_3d']),
+]))
+"""
+
+
+@pytest.mark.parametrize("policy", ["drop", "keep"])
+def test_random_train_transforms_are_named_and_follow_the_policy(data_root, fp32_store, policy, caplog, tmp_path):
+    config = tmp_path / "augmented_student.py"
+    config.write_text(AUGMENTED_STUDENT.format(student=STUDENT))
+    opts = TrainOptions(student=str(config), data_root=str(data_root), cache=fp32_store,
+                        distill_options=[f"augmentation={policy}"])
+    with caplog.at_level("WARNING", logger="bevcache"):
+        cfg = build_train_config(opts)
+    names = [step["type"] for step in cfg.train_dataloader.dataset.pipeline]
+    assert "GlobalRotScaleTrans" in caplog.text and "RandomFlip3D" in caplog.text
+    expected = ["LoadPointsFromFile", "LoadAnnotations3D", "Pack3DDetInputs"]
+    if policy == "keep":
+        expected[2:2] = ["GlobalRotScaleTrans", "RandomFlip3D"]
+    assert names == expected
