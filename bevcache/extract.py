@@ -8,12 +8,15 @@ no two processes ever write the same chunk; rank 0 alone creates the store and f
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import queue
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -205,6 +208,35 @@ def _open_or_create(opts: ExtractOptions, settings: dict, *, layers: list[LayerS
     return store if rank == 0 else open_store(url, mode="r+")
 
 
+def _raise_interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _exclusive_writer(url: str):
+    """Refuse a second `extract` on the same local store (an advisory lock beside it, freed on exit or crash)."""
+    if "://" in url and not url.startswith("file://"):
+        yield  # remote stores: no portable lock; one writer job per store is the user's contract
+        return
+    path = Path(url.removeprefix("file://").rstrip("/") + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            raise StoreError(f"another `bevcache extract` is writing {url} ({fh.read().strip() or 'unknown pid'}); "
+                             "wait for it to finish, or stop it and run with --resume.") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _barrier() -> None:
     from mmengine.dist import barrier
 
@@ -250,6 +282,14 @@ def extract(opts: ExtractOptions) -> dict:
         "created": datetime.now(timezone.utc).isoformat(),
         "world_size": world,
     }
+    with contextlib.ExitStack() as stack:
+        if rank == 0:
+            stack.enter_context(_exclusive_writer(settings["out"]))
+        return _run(opts, settings, model, dataset, recorder, layers=layers, tokens=tokens,
+                    sample_idx=sample_idx, metadata=metadata, rank=rank, world=world, device=device)
+
+
+def _run(opts, settings, model, dataset, recorder, *, layers, tokens, sample_idx, metadata, rank, world, device) -> dict:
     store = _open_or_create(opts, settings, layers=layers, tokens=tokens, sample_idx=sample_idx,
                             metadata=metadata, rank=rank)
     my_blocks = store.pending_blocks()[rank::world]
@@ -266,7 +306,9 @@ def extract(opts: ExtractOptions) -> dict:
     writer = _BlockWriter(store)
     block_of = {start: (start, stop) for start, stop in my_blocks}
     pending: dict[str, list[np.ndarray]] = {}
-    block_start, t0 = None, time.perf_counter()
+    block_start, t0, interrupted = None, time.perf_counter(), False
+    in_main = threading.current_thread() is threading.main_thread()
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main else None  # SIGTERM = Ctrl-C
     try:
         for indices, data in teacher_batches(model, dataset, batches, int(settings["num_workers"])):
             if indices[0] in block_of:  # first batch of a new block
@@ -286,14 +328,17 @@ def extract(opts: ExtractOptions) -> dict:
             if progress:
                 progress.update(len(indices))
     except KeyboardInterrupt:
-        writer.close()
-        raise StoreError(f"interrupted: {writer.rows_written} rows are durable in {settings['out']}; "
-                         "run again with --resume to finish.") from None
+        interrupted = True
     finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous_sigterm)
         recorder.remove()
         if progress:
             progress.close()
-    writer.close()
+        writer.close()  # flush every finished block; a block in flight is never half-written
+    if interrupted:
+        raise StoreError(f"interrupted: {writer.rows_written} rows are durable in {settings['out']}; "
+                         "run the same command with --resume to finish.")
     elapsed = time.perf_counter() - t0
     _barrier()
     if rank == 0:

@@ -199,3 +199,37 @@ def test_two_process_torchrun_equals_one_process(reference_store, data_root, tea
     for layer in ("pts_neck", "pts_backbone"):
         torch.testing.assert_close(ddp.read_table(layer), ref.read_table(layer), rtol=1e-5, atol=1e-6)
     assert np.array_equal(ddp.sample_idx, ref.sample_idx)
+
+
+def test_a_second_extract_on_the_same_store_is_refused(data_root, teacher_ckpt, tmp_path):
+    import fcntl
+
+    out = tmp_path / "locked.zarr"
+    with open(str(out) + ".lock", "a+") as held:  # what a running extraction holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(StoreError, match="another `bevcache extract` is writing"):
+            extract(_opts(data_root, out, checkpoint=teacher_ckpt))
+    assert not out.exists()  # refused before touching the store
+    extract(_opts(data_root, out, checkpoint=teacher_ckpt))  # lock released: fine
+    assert open_store(str(out)).complete_mask().all()
+
+
+def test_sigterm_flushes_finished_blocks_and_says_how_to_resume(data_root, teacher_ckpt, tmp_path):
+    out = tmp_path / "term.zarr"
+    args = ["extract", "--config", TEACHER, "--checkpoint", teacher_ckpt, "--data-root", str(data_root),
+            "--out", str(out), "--batch-size", "1", "--num-workers", "0", "--chunk-rows", "2", "--dtype", "float32"]
+    proc = subprocess.Popen(bevcache_cmd(*args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "complete").exists() and len(list((out / "complete").rglob("c*"))) >= 1:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("extraction finished before SIGTERM arrived")
+    assert proc.returncode == 1 and "--resume" in stderr and "Traceback" not in stderr
+    store = open_store(str(out))
+    assert 0 < store.complete_mask().sum() < 12
+    assert subprocess.run(bevcache_cmd(*args, "--resume"), cwd=REPO, capture_output=True).returncode == 0
+    assert open_store(str(out)).verify() == []

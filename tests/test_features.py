@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from bevcache.errors import ConfigError, LayerError
-from bevcache.features import LayerRecorder, pool_output, resolve_module
+from bevcache.features import LayerRecorder, _tensor_leaves, pool_output, resolve_module
 
 
 @pytest.mark.parametrize("shape, dims", [((2, 8, 5, 7), (2, 3)), ((2, 8, 3, 5, 7), (2, 3, 4))])
@@ -117,3 +117,35 @@ def test_layer_that_never_runs_is_reported():
         rec.run(net, torch.randn(1, 3, 8, 8))
         with pytest.raises(LayerError, match="produced no output"):
             rec.pooled("avg", 1)
+
+
+# Property: any nesting of 2-5-d tensors pools to [B, sum of channel widths], in a stable order.
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+def _channels(t: torch.Tensor) -> int:
+    return t.shape[-1] if t.dim() == 3 else t.shape[1]
+
+
+@st.composite
+def _outputs(draw, batch: int):
+    dims = draw(st.integers(2, 5))
+    shape = [batch] + [draw(st.integers(1, 4)) for _ in range(dims - 1)]
+    leaf = st.just(torch.randn(shape))
+    return draw(st.recursive(leaf, lambda kids: st.lists(kids, min_size=1, max_size=3)
+                             | st.dictionaries(st.text("abc", min_size=1, max_size=2), kids, min_size=1, max_size=3),
+                             max_leaves=5))
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), batch=st.integers(1, 3), pooling=st.sampled_from(["avg", "max", "avgmax"]))
+def test_pooling_property(data, batch, pooling):
+    output = data.draw(_outputs(batch))
+    leaves = list(_tensor_leaves(output))
+    pooled = pool_output(output, pooling, batch_size=batch)
+    width = sum(_channels(t) for t in leaves) * (2 if pooling == "avgmax" else 1)
+    assert pooled.shape == (batch, width)
+    assert torch.equal(pooled, pool_output(output, pooling, batch_size=batch))  # deterministic
+    if pooling == "max":
+        assert all(pooled.max() >= t.max() for t in leaves)  # every leaf's maximum is in the vector
