@@ -348,3 +348,15 @@ def test_negatives_are_resumable_from_the_state_dict():
     assert torch.equal(a, b)
     crd(f_s, f_t, index)
     assert not torch.equal(crd._contrast_indices(index), a)  # a new step draws new negatives
+
+
+def test_both_scoring_paths_agree():
+    from bevcache.crd import _bank_scores
+
+    torch.manual_seed(0)
+    bank, emb = torch.randn(50, 8), torch.randn(3, 8)
+    small = torch.randint(0, 50, (3, 4))  # 12 < 50 rows: gather path
+    large = torch.randint(0, 50, (3, 20))  # 60 >= 50 rows: full-bank path
+    for contrast in (small, large):
+        expected = torch.stack([bank[contrast[b]] @ emb[b] for b in range(3)])
+        torch.testing.assert_close(_bank_scores(emb, bank, contrast), expected)
