@@ -14,7 +14,7 @@ import torch
 from bevcache import synth
 from bevcache.errors import ConfigError
 
-FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nuscenes-fixture"
+FIXTURE = Path(__file__).resolve().parent / "data" / "nuscenes-fixture"  # a copy of ../shared/data/nuscenes-fixture
 PIPELINE = [
     dict(type="LoadPointsFromFile", coord_type="LIDAR", load_dim=5, use_dim=5),
     dict(type="LoadAnnotations3D", with_bbox_3d=True, with_label_3d=True),
