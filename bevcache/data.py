@@ -29,6 +29,13 @@ RANDOM_TRANSFORMS = (
 SPLIT_LOADERS = {"train": "train_dataloader", "val": "val_dataloader", "test": "test_dataloader"}
 
 
+def unwrap_dataset_cfg(ds: Any) -> Any:
+    """The innermost dataset config under index-preserving wrappers (the same object, not a copy)."""
+    while ds.get("type") in INDEX_PRESERVING_WRAPPERS:
+        ds = ds["dataset"]
+    return ds
+
+
 def base_dataset_cfg(cfg: Any, split: str = "train") -> dict:
     """The split's dataset config with index-preserving wrappers removed."""
     if split not in SPLIT_LOADERS:
@@ -36,9 +43,7 @@ def base_dataset_cfg(cfg: Any, split: str = "train") -> dict:
     loader = cfg.get(SPLIT_LOADERS[split])
     if not loader or "dataset" not in loader:
         raise ConfigError(f"the config has no {SPLIT_LOADERS[split]}.dataset; cannot build the {split} split.")
-    ds = copy.deepcopy(loader["dataset"])
-    while ds.get("type") in INDEX_PRESERVING_WRAPPERS:
-        ds = copy.deepcopy(ds["dataset"])
+    ds = copy.deepcopy(unwrap_dataset_cfg(loader["dataset"]))
     if ds.get("type") == "ConcatDataset" or "datasets" in ds:
         raise ConfigError(
             "ConcatDataset is not supported: its rows have no single base index. Extract and "
@@ -105,8 +110,9 @@ def strip_random_transforms(pipeline: Sequence[dict]) -> list[dict]:
     return [copy.deepcopy(s) for s in pipeline if str(s.get("type", "")).split(".")[-1] not in RANDOM_TRANSFORMS]
 
 
-def batch_rows(data_samples: Sequence[Any], tokens: Sequence[str], *, device: torch.device) -> torch.Tensor:
-    """Store rows of a batch (= base dataset indices), after checking each token against the store."""
+def batch_rows(data_samples: Sequence[Any], tokens: Sequence[str] | None, *, device: torch.device) -> torch.Tensor:
+    """Store rows of a batch (= base dataset indices), each token checked against the store's
+    (`tokens=None`, the online reference: no store, nothing to check)."""
     rows = []
     for sample in data_samples:
         meta = sample.metainfo
@@ -116,6 +122,9 @@ def batch_rows(data_samples: Sequence[Any], tokens: Sequence[str], *, device: to
                 "Pack3DDetInputs.meta_keys of the student's train pipeline."
             )
         row = int(meta["sample_idx"])
+        if tokens is None:
+            rows.append(row)
+            continue
         if not 0 <= row < len(tokens):
             raise StoreMismatch(f"sample index {row} is outside the store's {len(tokens)} rows.")
         token = meta.get("token")

@@ -114,11 +114,8 @@ class CRDDistiller(BaseModel):
         losses = self.student(**data, mode="loss")
         student_feats = self.student_recorder.pooled(self.pooling, len(data_samples))
         self.student_recorder.outputs.clear()
-        tokens = getattr(self, "store_tokens", None)
-        if tokens is None:  # online: no store to check against; rows are still the base indices
-            rows = torch.as_tensor([int(s.metainfo["sample_idx"]) for s in data_samples], device=student_feats[next(iter(self.layers))].device)
-        else:
-            rows = batch_rows(data_samples, tokens, device=student_feats[next(iter(self.layers))].device)
+        device = student_feats[next(iter(self.layers))].device
+        rows = batch_rows(data_samples, getattr(self, "store_tokens", None), device=device)
         teacher_feats = self._teacher_features(inputs, data_samples, rows)
         for s, t in self.layers.items():
             losses[f"loss_crd_{s}"] = self.alpha * self.crd[_key(s)](student_feats[s], teacher_feats[t], rows)

@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 
 from .data import (
-    INDEX_PRESERVING_WRAPPERS,
     build_base_dataset,
     dataset_identity,
     random_transforms,
     set_data_root,
     strip_random_transforms,
     test_pipeline,
+    unwrap_dataset_cfg,
 )
 from .errors import ConfigError, StoreError
 from .features import LayerRecorder
@@ -53,13 +53,6 @@ class TrainOptions:
     teacher_checkpoint: str | None = None
     plain: bool = False
     data_root: str | None = None
-
-
-def _train_dataset_cfg(cfg) -> dict:
-    ds = cfg.train_dataloader.dataset
-    while ds.get("type") in INDEX_PRESERVING_WRAPPERS:
-        ds = ds.dataset
-    return ds
 
 
 def _ensure_index_meta(pipeline: list) -> None:
@@ -127,7 +120,7 @@ def build_train_config(opts: TrainOptions):
         trust_own_checkpoints_for_resume()
         cfg.resume = True
         cfg.load_from = None if opts.resume == "auto" else opts.resume
-    _ensure_index_meta(_train_dataset_cfg(cfg).pipeline)
+    _ensure_index_meta(unwrap_dataset_cfg(cfg.train_dataloader.dataset).pipeline)
 
     settings = _distill_settings(cfg, opts)
     online = opts.teacher_online is not None
@@ -137,7 +130,7 @@ def build_train_config(opts: TrainOptions):
         return cfg
 
     # Random train transforms make the student see another input than the cached teacher saw.
-    train_ds = _train_dataset_cfg(cfg)
+    train_ds = unwrap_dataset_cfg(cfg.train_dataloader.dataset)
     randoms = random_transforms(train_ds.pipeline)
     if randoms:
         if settings["augmentation"] == "drop":
