@@ -63,6 +63,8 @@ def synth(out_dir: str, samples: int, val_samples: int | None, seed: int, sweeps
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
 @click.option("--num-workers", type=click.IntRange(min=0), default=None)
 @click.option("--chunk-rows", type=click.IntRange(min=1), default=None, help="Rows per chunk (= resumable block).")
+@click.option("--views", type=click.IntRange(min=0), default=None,
+              help="Also cache K augmented views per sample (training pipeline, seeded per view) [default: 0].")
 @click.option("--cfg-options", multiple=True, help="key=value overrides of the config (repeatable).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted store.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
@@ -79,7 +81,8 @@ def extract(**kwargs) -> None:
     info = run(ExtractOptions(**kwargs))
     click.echo(f"store {info['url']}: {info['num_complete']}/{info['num_samples']} rows, "
                f"{_size(info.get('bytes_on_disk'))} on disk, layers "
-               + ", ".join(f"{k}[{v['dim']}]" for k, v in info["layers"].items()))
+               + ", ".join(f"{k}[{v['dim']}]" for k, v in info["layers"].items())
+               + (f", {info['views']} augmented views per sample" if info.get("views") else ""))
 
 
 def _size(n: int | None) -> str:
@@ -108,6 +111,8 @@ def info(store: str, as_json: bool) -> None:
     click.echo(f"rows       {data['num_complete']}/{data['num_samples']} complete")
     for name, layer in data["layers"].items():
         click.echo(f"layer      {name}: dim {layer['dim']}, {layer['dtype']}, {layer['pooling']} pooling")
+    if data.get("views"):
+        click.echo(f"views      {data['views']} augmented views per sample (+ the un-augmented one)")
     click.echo(f"teacher    {json.dumps(data.get('teacher'), default=str)}")
     click.echo(f"dataset    {json.dumps(data.get('dataset'), default=str)}")
     ratio = data.get("compression_ratio")

@@ -11,6 +11,7 @@ against the store's record for every sample, so a wrong lookup is an error, neve
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 from .errors import ConfigError, StoreMismatch
 
 # Wrappers whose inner dataset keeps its own indexing (config key 'dataset').
-INDEX_PRESERVING_WRAPPERS = ("CBGSDataset", "RepeatDataset", "ClassBalancedDataset")
+INDEX_PRESERVING_WRAPPERS = ("CBGSDataset", "RepeatDataset", "ClassBalancedDataset", "ReplayViewsDataset")
 # Train transforms that draw random numbers: their output differs from the cached (test-time) input.
 RANDOM_TRANSFORMS = (
     "ObjectSample", "ObjectNoise", "GlobalRotScaleTrans", "RandomFlip3D", "PointShuffle",
@@ -89,6 +90,17 @@ def dataset_identity(dataset) -> tuple[list[str], list[int]]:
         tokens.append(str(info.get("token", info.get("sample_idx", i))))
         indices.append(int(info.get("sample_idx", i)))
     return tokens, indices
+
+
+def ensure_index_meta(pipeline: list) -> None:
+    """Make Pack3DDetInputs carry sample_idx and token: the store row and its identity check."""
+    from mmdet3d.datasets.transforms import Pack3DDetInputs
+
+    default = inspect.signature(Pack3DDetInputs.__init__).parameters["meta_keys"].default
+    for step in pipeline:
+        if str(step.get("type", "")).endswith("Pack3DDetInputs"):
+            keys = tuple(step.get("meta_keys", default))
+            step["meta_keys"] = keys + tuple(k for k in ("sample_idx", "token") if k not in keys)
 
 
 def random_transforms(pipeline: Sequence[dict]) -> list[str]:

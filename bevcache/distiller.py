@@ -4,7 +4,8 @@ Registered in mmdet3d's MODELS as `CRDDistiller`, so mmengine's Runner trains it
 detector (optimizer wrapper, schedulers, logging, checkpoints, resume, AMP, DDP). `forward` in
 `loss` mode returns the student's own `loss_*` entries plus `loss_crd_<layer>` = alpha * CRD.
 Cached mode builds no teacher: the store's tables are loaded once onto the training device and
-indexed by each sample's base dataset index (checked against the stored token).
+indexed by each sample's base dataset index (checked against the stored token) and, when
+augmentation is replayed, by the view the sample shows (checked against the view's input digest).
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from torch import Tensor, nn
 
 from .crd import CRDLoss
 from .data import batch_rows
-from .errors import ConfigError
+from .errors import ConfigError, StoreMismatch
 from .features import LayerRecorder
+from .replay import DIGEST_META, VIEW_META
 
 
 def _key(layer: str) -> str:
@@ -46,6 +48,7 @@ class CRDDistiller(BaseModel):
         cache: str | None = None,
         teacher: dict | None = None,
         teacher_checkpoint: str | None = None,
+        replay: bool = False,
         init_cfg: dict | None = None,
     ) -> None:
         # Data is preprocessed by the student's (and teacher's) own preprocessors in forward:
@@ -71,11 +74,17 @@ class CRDDistiller(BaseModel):
 
             store = open_store(cache)
             self.store_tokens = list(store.tokens)
+            self.store_url = cache
             table_dtype = torch.float16 if store.dtype == "float16" else torch.float32
             for t in sorted(set(self.layers.values())):
                 # Kept in the store's dtype (half the memory of float32 for a float16 store) and
                 # cast per batch. Non-persistent: follows .to(device), never in checkpoints.
-                self.register_buffer(f"teacher_table__{_key(t)}", store.read_table(t, dtype=table_dtype), persistent=False)
+                table = store.read_table(t, dtype=table_dtype)
+                if replay:  # [N, 1 + K, dim]: view 0 is the un-augmented sample
+                    table = torch.cat([table[:, None], store.read_table(t, dtype=table_dtype, views=True)], dim=1)
+                self.register_buffer(f"teacher_table__{_key(t)}", table, persistent=False)
+            if replay:
+                self.register_buffer("view_digests", torch.from_numpy(store.read_digests()), persistent=False)
         else:
             from .extract import build_teacher
 
@@ -98,12 +107,29 @@ class CRDDistiller(BaseModel):
 
     def _teacher_features(self, inputs: dict, data_samples: list, rows: Tensor) -> dict[str, Tensor]:
         if self.teacher is None:
-            return {t: getattr(self, f"teacher_table__{_key(t)}")[rows].float() for t in set(self.layers.values())}
+            where = (rows,) if not hasattr(self, "view_digests") else (rows, self._checked_views(data_samples, rows))
+            return {t: getattr(self, f"teacher_table__{_key(t)}")[where].float() for t in set(self.layers.values())}
         data = self.teacher.data_preprocessor({"inputs": inputs, "data_samples": data_samples}, False)
         with torch.no_grad():
             self.teacher_recorder.run(self.teacher, **data, mode="predict")
             pooling = {t: self.pooling[s] for s, t in self.layers.items()}
             return self.teacher_recorder.pooled(pooling, len(data_samples))
+
+    def _checked_views(self, data_samples: list, rows: Tensor) -> Tensor:
+        """The view each sample shows, after proving its input is the one the teacher saw."""
+        views = []
+        for sample, row in zip(data_samples, rows.tolist(), strict=True):
+            view = int(sample.metainfo.get(VIEW_META, 0))
+            if view:
+                stored = int(self.view_digests[row, view - 1])
+                if int(sample.metainfo[DIGEST_META]) != stored:
+                    raise StoreMismatch(
+                        f"dataset index {row}, view {view}: the student's augmented input differs from the one "
+                        f"the teacher saw when {self.store_url} was made (input digest {sample.metainfo[DIGEST_META]} "
+                        f"vs {stored}); the pipeline, its data or library versions changed. Re-extract the views."
+                    )
+            views.append(view)
+        return torch.as_tensor(views, dtype=torch.long, device=rows.device)
 
     def forward(self, inputs: dict, data_samples: list | None = None, mode: str = "tensor"):
         data = self.student.data_preprocessor({"inputs": inputs, "data_samples": data_samples}, mode == "loss")

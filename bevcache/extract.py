@@ -4,6 +4,8 @@ Work is done in the store's chunk-aligned row blocks: a block is written (all la
 completion mask) only when all its rows are computed, by a background writer thread so the disk
 never stalls the teacher. Under torchrun each rank takes every world_size-th pending block, so
 no two processes ever write the same chunk; rank 0 alone creates the store and finishes it.
+With `views=K`, each block also holds K augmented views per row (bevcache.replay): the block's
+un-augmented batches come first, then its (index, view) batches, and the block is written whole.
 """
 
 from __future__ import annotations
@@ -28,16 +30,25 @@ import numpy as np
 import torch
 
 from . import __version__
-from .data import build_base_dataset, dataset_identity, set_data_root, test_pipeline
+from .data import (
+    base_dataset_cfg,
+    build_base_dataset,
+    dataset_identity,
+    ensure_index_meta,
+    random_transforms,
+    set_data_root,
+    test_pipeline,
+)
 from .errors import ConfigError, FeatureValueError, StoreError
 from .features import POOLINGS, LayerRecorder
+from .replay import DIGEST_META, SEED_SCHEME, ReplayViewsDataset, pipeline_record
 from .runtime import init_distributed, load_config, resolve_device, setup_runtime
 from .store import LayerSpec, create_store, fingerprint_tokens, open_store, store_exists
 
 log = logging.getLogger("bevcache")
 
 DEFAULTS = dict(layers=["pts_neck"], pooling="avg", dtype="float16", split="train", batch_size=1,
-                num_workers=2, chunk_rows=256)
+                num_workers=2, chunk_rows=256, views=0)
 
 
 @dataclass
@@ -54,6 +65,7 @@ class ExtractOptions:
     batch_size: int | None = None
     num_workers: int | None = None
     chunk_rows: int | None = None
+    views: int | None = None  # K augmented views per sample (0: only the un-augmented one)
     cfg_options: Sequence[str] = field(default_factory=tuple)
     resume: bool = False
     overwrite: bool = False
@@ -116,6 +128,31 @@ def block_batches(blocks: Sequence[tuple[int, int]], batch_size: int) -> list[li
     return [list(range(s, min(s + batch_size, stop))) for start, stop in blocks for s in range(start, stop, batch_size)]
 
 
+def block_plan(blocks: Sequence[tuple[int, int]], batch_size: int, views: int) -> list[tuple[int, list, bool]]:
+    """(block start, batch keys, last batch of its block?) for every batch: a block's indices
+    first, then its (index, view) pairs for views 1..K, never straddling blocks."""
+    plan = []
+    for start, stop in blocks:
+        batches: list[list] = block_batches([(start, stop)], batch_size)
+        pairs = [(i, v) for i in range(start, stop) for v in range(1, views + 1)]
+        batches += [pairs[s:s + batch_size] for s in range(0, len(pairs), batch_size)]
+        plan += [(start, keys, n == len(batches) - 1) for n, keys in enumerate(batches)]
+    return plan
+
+
+class _ExtractionSource:
+    """Index i: the un-augmented sample (test pipeline); (i, v): its augmented view v."""
+
+    def __init__(self, plain, views: ReplayViewsDataset | None):
+        self.plain, self.views = plain, views
+
+    def __len__(self) -> int:
+        return len(self.plain)
+
+    def __getitem__(self, key):
+        return self.views[key] if isinstance(key, tuple) else self.plain[key]
+
+
 def teacher_batches(model, dataset, batches: list[list[int]], num_workers: int) -> Iterator[tuple[list[int], dict]]:
     """Yield (indices, preprocessed batch) over the given index batches (shared with the benchmark)."""
     from mmengine.dataset import pseudo_collate
@@ -131,6 +168,43 @@ def pooled_teacher_features(model, recorder: LayerRecorder, data: dict, pooling:
     with torch.inference_mode():
         recorder.run(model, **data, mode="predict")
         return recorder.pooled(pooling, len(data["data_samples"]))
+
+
+class _PendingBlock:
+    """One block's rows as they arrive: un-augmented features, and with views, [rows, K, dim]
+    view features and [rows, K] input digests."""
+
+    def __init__(self, rows: tuple[int, int], layers: Sequence[str], num_views: int):
+        self.start, stop = rows
+        n = stop - self.start
+        self.features: dict[str, list[np.ndarray]] = {name: [] for name in layers}
+        self.views: dict[str, np.ndarray] = {}
+        self.num_views = num_views
+        self.digests = np.zeros((n, num_views), dtype=np.int64)
+
+    def add(self, keys: list, feats: dict[str, np.ndarray], data_samples: list) -> None:
+        for name, value in feats.items():
+            bad = ~np.isfinite(value).all(axis=1)
+            if bad.any():
+                key = keys[int(np.argmax(bad))]
+                where = f"dataset index {key[0]}, view {key[1]}" if isinstance(key, tuple) else f"dataset index {key}"
+                raise FeatureValueError(f"layer {name!r} is NaN/Inf for {where}: the teacher checkpoint or "
+                                        "input is broken; nothing of this block was written.")
+            if not isinstance(keys[0], tuple):
+                self.features[name].append(value)
+                continue
+            table = self.views.setdefault(name, np.empty((len(self.digests), self.num_views, value.shape[1]), np.float32))
+            for (index, view), row in zip(keys, value, strict=True):
+                table[index - self.start, view - 1] = row
+        if isinstance(keys[0], tuple):
+            for (index, view), sample in zip(keys, data_samples, strict=True):
+                self.digests[index - self.start, view - 1] = sample.metainfo[DIGEST_META]
+
+    def finished(self) -> dict:
+        out: dict = {"features": {n: np.concatenate(v) for n, v in self.features.items()}}
+        if self.num_views:
+            out.update(views=self.views, digests=self.digests)
+        return out
 
 
 class _BlockWriter:
@@ -151,7 +225,7 @@ class _BlockWriter:
         while (item := self.queue.get()) is not None:
             if self.error is None:
                 try:
-                    self.store.write_block(item[0], item[1])
+                    self.store.write_block(item[0], item[1], **item[2])
                     self.rows_written += len(next(iter(item[1].values())))
                     self.blocks_written += 1
                     if self.blocks_written == self.kill_after:
@@ -159,10 +233,10 @@ class _BlockWriter:
                 except BaseException as exc:  # surfaced in the main thread by put()/close()
                     self.error = exc
 
-    def put(self, start: int, features: dict[str, np.ndarray]) -> None:
+    def put(self, start: int, features: dict[str, np.ndarray], **views) -> None:
         if self.error is not None:
             raise self.error
-        self.queue.put((start, features))
+        self.queue.put((start, features, views))
 
     def close(self) -> None:
         self.queue.put(None)
@@ -186,8 +260,24 @@ def _settings(opts: ExtractOptions, cfg) -> dict:
         raise ConfigError(f"dtype must be one of ['float16', 'float32']. Got {merged['dtype']!r}.")
     if int(merged["batch_size"]) < 1 or int(merged["chunk_rows"]) < 1:
         raise ConfigError("batch_size and chunk_rows must be positive integers.")
+    if int(merged["views"]) < 0:
+        raise ConfigError(f"views must be >= 0 (0: no augmented views). Got {merged['views']}.")
     merged["out"] = opts.out or section.get("out") or f"work_dirs/{Path(opts.config).stem}/features.zarr"
     return merged
+
+
+def _views_dataset(cfg, settings: dict, tokens: list[str]) -> tuple[ReplayViewsDataset, dict]:
+    """The split's dataset with its own (training) pipeline, seeded per view; and its record."""
+    pipeline = base_dataset_cfg(cfg, settings["split"]).get("pipeline") or []
+    ensure_index_meta(pipeline)  # exactly what the student's pipeline will carry
+    if not random_transforms(pipeline):
+        log.warning("--views %d: the %s pipeline has no random transforms, so every view equals the "
+                    "un-augmented sample's", int(settings["views"]), settings["split"])
+    base = build_base_dataset(cfg, settings["split"], pipeline=pipeline)
+    fingerprint = fingerprint_tokens(tokens)["sha256"]
+    record = pipeline_record(pipeline)
+    augmentation = {"views": int(settings["views"]), "seed_scheme": SEED_SCHEME, **record}
+    return ReplayViewsDataset(base, int(settings["views"]), fingerprint), augmentation
 
 
 def _open_or_create(opts: ExtractOptions, settings: dict, *, layers: list[LayerSpec], tokens, sample_idx,
@@ -199,11 +289,13 @@ def _open_or_create(opts: ExtractOptions, settings: dict, *, layers: list[LayerS
             raise StoreError(f"a store already exists at {url}: pass --resume to continue it or --overwrite to replace it.")
         if exists and opts.resume:
             store = open_store(url, mode="r+")
-            store.check_matches(dataset=metadata["dataset"], teacher=metadata["teacher"], layers=layers)
+            store.check_matches(dataset=metadata["dataset"], teacher=metadata["teacher"], layers=layers,
+                                views=int(settings["views"]), augmentation=metadata.get("augmentation"))
         else:
             store = create_store(url, num_samples=len(tokens), layers=layers, dtype=settings["dtype"],
                                  tokens=tokens, sample_idx=sample_idx, metadata=metadata,
-                                 chunk_rows=int(settings["chunk_rows"]), overwrite=exists)
+                                 chunk_rows=int(settings["chunk_rows"]), overwrite=exists,
+                                 views=int(settings["views"]))
     _barrier()
     return store if rank == 0 else open_store(url, mode="r+")
 
@@ -261,6 +353,10 @@ def extract(opts: ExtractOptions) -> dict:
     model = build_teacher(cfg, opts.checkpoint, device)
     dataset = build_base_dataset(cfg, settings["split"], pipeline=test_pipeline(cfg))
     tokens, sample_idx = dataset_identity(dataset)
+    augmentation, views_dataset = None, None
+    if int(settings["views"]):
+        views_dataset, augmentation = _views_dataset(cfg, settings, tokens)
+    source = _ExtractionSource(dataset, views_dataset)
     recorder = LayerRecorder(model, settings["layers"], stop_early=True)
 
     # One sample through the teacher tells each layer's pooled width before the store exists.
@@ -279,21 +375,23 @@ def extract(opts: ExtractOptions) -> dict:
         },
         "teacher_config": cfg.pretty_text,
         "pipeline": "test",
+        **({"augmentation": augmentation} if augmentation else {}),
         "created": datetime.now(timezone.utc).isoformat(),
         "world_size": world,
     }
     with contextlib.ExitStack() as stack:
         if rank == 0:
             stack.enter_context(_exclusive_writer(settings["out"]))
-        return _run(opts, settings, model, dataset, recorder, layers=layers, tokens=tokens,
+        return _run(opts, settings, model, source, recorder, layers=layers, tokens=tokens,
                     sample_idx=sample_idx, metadata=metadata, rank=rank, world=world, device=device)
 
 
-def _run(opts, settings, model, dataset, recorder, *, layers, tokens, sample_idx, metadata, rank, world, device) -> dict:
+def _run(opts, settings, model, source, recorder, *, layers, tokens, sample_idx, metadata, rank, world, device) -> dict:
     store = _open_or_create(opts, settings, layers=layers, tokens=tokens, sample_idx=sample_idx,
                             metadata=metadata, rank=rank)
     my_blocks = store.pending_blocks()[rank::world]
-    batches = block_batches(my_blocks, int(settings["batch_size"]))
+    num_views = int(settings["views"])
+    plan = block_plan(my_blocks, int(settings["batch_size"]), num_views)
     total = sum(stop - start for start, stop in my_blocks)
     log.info("extracting %d rows (%d blocks) of %s to %s on %s, rank %d/%d", total, len(my_blocks),
              settings["layers"], settings["out"], device, rank, world)
@@ -302,31 +400,25 @@ def _run(opts, settings, model, dataset, recorder, *, layers, tokens, sample_idx
     if opts.progress and rank == 0 and total:
         from tqdm import tqdm
 
-        progress = tqdm(total=total, unit="sample", desc="extract", dynamic_ncols=True)
+        progress = tqdm(total=total * (1 + num_views), unit="input", desc="extract", dynamic_ncols=True)
     writer = _BlockWriter(store)
     block_of = {start: (start, stop) for start, stop in my_blocks}
-    pending: dict[str, list[np.ndarray]] = {}
-    block_start, t0, interrupted = None, time.perf_counter(), False
+    block: _PendingBlock | None = None
+    t0, interrupted = time.perf_counter(), False
     in_main = threading.current_thread() is threading.main_thread()
     previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main else None  # SIGTERM = Ctrl-C
     try:
-        for indices, data in teacher_batches(model, dataset, batches, int(settings["num_workers"])):
-            if indices[0] in block_of:  # first batch of a new block
-                block_start, pending = indices[0], {n: [] for n in settings["layers"]}
+        batches = [keys for _, keys, _ in plan]
+        for (start, _, last), (keys, data) in zip(plan, teacher_batches(model, source, batches,
+                                                                          int(settings["num_workers"])), strict=True):
+            if block is None or block.start != start:
+                block = _PendingBlock(block_of[start], settings["layers"], num_views)
             feats = pooled_teacher_features(model, recorder, data, settings["pooling"])
-            for name, value in feats.items():
-                value = value.float().cpu().numpy()
-                bad = ~np.isfinite(value).all(axis=1)
-                if bad.any():
-                    raise FeatureValueError(
-                        f"layer {name!r} is NaN/Inf for dataset index {indices[int(np.argmax(bad))]}: "
-                        "the teacher checkpoint or input is broken; nothing of this block was written."
-                    )
-                pending[name].append(value)
-            if indices[-1] + 1 == block_of[block_start][1]:
-                writer.put(block_start, {n: np.concatenate(v) for n, v in pending.items()})
+            block.add(keys, {n: v.float().cpu().numpy() for n, v in feats.items()}, data["data_samples"])
+            if last:
+                writer.put(block.start, **block.finished())
             if progress:
-                progress.update(len(indices))
+                progress.update(len(keys))
     except KeyboardInterrupt:
         interrupted = True
     finally:

@@ -26,7 +26,8 @@ def setup_runtime() -> None:
     register_all_modules(init_default_scope=False)
     init_default_scope("mmdet3d")
     compat.patch_spconv_for_cpu()
-    from . import distiller, evaluation  # noqa: F401  (registers CRDDistiller, SafeNuScenesMetric)
+    # registers CRDDistiller, SafeNuScenesMetric, ReplayViewsDataset and ReplayEpochHook
+    from . import distiller, evaluation, replay  # noqa: F401
 
     _READY = True
 

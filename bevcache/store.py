@@ -5,6 +5,8 @@ Row i holds base-dataset index i. Layout under `url` (a local path or any fsspec
     zarr.json          group attrs["bevcache"]: format_version, num_samples, chunk_rows, dtype,
                        layers, dataset fingerprint, teacher, split, created, finished, ...
     features/<layer>   float16|float32 [N, dim], chunks (chunk_rows, dim), fill value NaN
+    views/<layer>      (only with K > 0 augmented views) [N, K, dim]: view v of row i at [i, v-1]
+    view_digests       (only with views) int64 [N, K]: digest of each view's augmented input
     complete           uint8 [N], chunks (chunk_rows,): 1 where a row's features are durable
     tokens             uint8 [N, L]: each sample token as UTF-8, zero padded
     sample_idx         int64 [N]
@@ -52,7 +54,7 @@ FORMAT_VERSION = 1
 POOLINGS = ("avg", "max", "avgmax")
 DTYPES = ("float16", "float32")
 # Keys of attrs["bevcache"] that describe the layout; metadata and set_attrs may not change them.
-RESERVED = ("format_version", "num_samples", "chunk_rows", "dtype", "layers", "token_width", "layout_ready")
+RESERVED = ("format_version", "num_samples", "chunk_rows", "dtype", "layers", "token_width", "layout_ready", "views")
 _LAYER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
 _MAX_LISTED = 8  # rows/ranges named in one message before "... and N more"
 
@@ -210,14 +212,18 @@ def create_store(
     chunk_rows: int = 256,
     overwrite: bool = False,
     storage_options: dict | None = None,
+    views: int = 0,
 ) -> FeatureStore:
-    """Create an empty store for num_samples rows of the given layers; returns it opened r+."""
+    """Create an empty store for num_samples rows of the given layers (and `views` augmented
+    views per row and layer); returns it opened r+."""
     dtype = _parse_dtype(dtype)
     if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
         raise ConfigError(f"num_samples must be a positive integer. Got {num_samples!r}.")
     if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, (int, np.integer)) or chunk_rows < 1:
         raise ConfigError(f"chunk_rows must be a positive integer. Got {chunk_rows!r}.")
-    num_samples, chunk_rows = int(num_samples), int(chunk_rows)
+    if isinstance(views, bool) or not isinstance(views, (int, np.integer)) or views < 0:
+        raise ConfigError(f"views must be a non-negative integer. Got {views!r}.")
+    num_samples, chunk_rows, views = int(num_samples), int(chunk_rows), int(views)
     layers = list(layers)
     if not layers or not all(isinstance(s, LayerSpec) for s in layers):
         raise ConfigError(f"layers must be a non-empty list of LayerSpec. Got {layers!r}.")
@@ -265,6 +271,7 @@ def create_store(
         "dtype": dtype,
         "layers": [{"name": s.name, "array": s.array_name, "dim": int(s.dim), "pooling": s.pooling} for s in layers],
         "token_width": width,
+        "views": views,
         "dataset": dataset,
         "created": metadata.get("created") or datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "finished": metadata.get("finished"),
@@ -276,6 +283,13 @@ def create_store(
         group.create_array(f"features/{spec.array_name}", shape=(num_samples, int(spec.dim)),
                            chunks=(chunk_rows, int(spec.dim)), dtype=dtype, fill_value=np.nan,
                            attributes={"layer": spec.name, "pooling": spec.pooling}, **_codecs())
+        if views:
+            group.create_array(f"views/{spec.array_name}", shape=(num_samples, views, int(spec.dim)),
+                               chunks=(chunk_rows, views, int(spec.dim)), dtype=dtype, fill_value=np.nan,
+                               attributes={"layer": spec.name, "pooling": spec.pooling}, **_codecs())
+    if views:
+        group.create_array("view_digests", shape=(num_samples, views), chunks=(chunk_rows, views), dtype="int64",
+                           fill_value=0, **_codecs())
     group.create_array("complete", shape=(num_samples,), chunks=(chunk_rows,), dtype="uint8", fill_value=0, **_codecs())
     tok = group.create_array("tokens", shape=(num_samples, width), chunks=(chunk_rows, width), dtype="uint8",
                              fill_value=0, **_codecs())
@@ -339,6 +353,7 @@ class FeatureStore:
             self.layers = {d["name"]: LayerSpec(name=d["name"], dim=int(d["dim"]), pooling=d["pooling"])
                            for d in meta["layers"]}
             self._token_width = int(meta["token_width"])
+            self.num_views = int(meta.get("views", 0))
         except (KeyError, TypeError, ValueError, ConfigError) as exc:
             raise StoreError(
                 f"the bevcache metadata of store {url} is garbled ({_why(exc)}): re-create it with "
@@ -401,8 +416,10 @@ class FeatureStore:
         mask = self.complete_mask()
         return [(s, e) for s, e in self.blocks() if not mask[s:e].all()]
 
-    def write_block(self, start: int, features: dict[str, np.ndarray]) -> None:
-        """Write rows [start, start+n) of every layer, then mark them complete."""
+    def write_block(self, start: int, features: dict[str, np.ndarray], *,
+                    views: dict[str, np.ndarray] | None = None, digests: np.ndarray | None = None) -> None:
+        """Write rows [start, start+n) of every layer (and, in a store with views, every layer's
+        [n, K, dim] views and the [n, K] input digests), then mark them complete."""
         self._check_writable()
         start = int(start)
         if not 0 <= start < self.num_samples or start % self.chunk_rows:
@@ -418,36 +435,56 @@ class FeatureStore:
                 f"write_block rows {start}-{stop - 1} of store {self.url}: features must have exactly "
                 f"the layers {list(self.layers)}; missing {missing}, unexpected {extra}."
             )
+        if bool(self.num_views) != (views is not None) or (views is not None) != (digests is not None):
+            raise StoreError(
+                f"write_block rows {start}-{stop - 1} of store {self.url}: the store has {self.num_views} "
+                "augmented views per row; pass views= and digests= exactly when it has some."
+            )
         out: dict[str, np.ndarray] = {}
         for name, spec in self.layers.items():
-            value = features[name]
-            if isinstance(value, torch.Tensor):
-                value = value.detach().cpu().numpy()
-            value = np.asarray(value)
-            if value.shape != (stop - start, spec.dim):
-                raise StoreError(
-                    f"write_block rows {start}-{stop - 1}, layer {name!r} of store {self.url}: expected "
-                    f"shape ({stop - start}, {spec.dim}) (the block's rows x the layer's dim). Got {value.shape}."
-                )
-            self._check_finite(name, start, value, "NaN/Inf")
-            with np.errstate(over="ignore"):  # overflow to Inf is reported just below, by row
-                cast = value.astype(self.dtype)
-            self._check_finite(name, start, cast, f"values beyond the {self.dtype} range")
-            out[name] = cast
+            out[self._feature_path(name)] = self._checked(name, start, features[name], (stop - start, spec.dim))
+            if views is not None:
+                if name not in views:
+                    raise StoreError(f"write_block rows {start}-{stop - 1} of store {self.url}: views lack layer {name!r}.")
+                out[self._view_path(name)] = self._checked(name, start, views[name],
+                                                           (stop - start, self.num_views, spec.dim))
+        if digests is not None:
+            digests = np.asarray(digests, dtype=np.int64)
+            if digests.shape != (stop - start, self.num_views):
+                raise StoreError(f"write_block rows {start}-{stop - 1} of store {self.url}: digests must have "
+                                 f"shape ({stop - start}, {self.num_views}). Got {digests.shape}.")
+            out["view_digests"] = digests
         # All checked: only now touch the store. Clear an existing mark first so a crash while
         # rewriting a complete block cannot leave old marks over half-new features.
         mask_arr = self._array("complete")
         try:
             if self._read_rows_or_none(mask_arr, start, stop) is not False:
                 mask_arr[start:stop] = 0
-            for name, value in out.items():
-                self._array(self._feature_path(name))[start:stop] = value
+            for path, value in out.items():
+                self._array(path)[start:stop] = value
             mask_arr[start:stop] = 1
         except Exception as exc:
             raise StoreError(
                 f"writing rows {start}-{stop - 1} of store {self.url} failed ({_why(exc)}): "
                 "those rows stay marked not written; run `bevcache extract --resume` again."
             ) from exc
+
+    def _checked(self, layer: str, start: int, value: Any, shape: tuple[int, ...]) -> np.ndarray:
+        """A block of one layer as an array of the store dtype, refused if mis-shaped or not finite."""
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().numpy()
+        value = np.asarray(value)
+        if value.shape != shape:
+            raise StoreError(
+                f"write_block rows {start}-{start + shape[0] - 1}, layer {layer!r} of store {self.url}: expected "
+                f"shape {shape} (the block's rows x {'views x ' if len(shape) == 3 else ''}the layer's dim). "
+                f"Got {value.shape}."
+            )
+        self._check_finite(layer, start, value, "NaN/Inf")
+        with np.errstate(over="ignore"):  # overflow to Inf is reported just below, by row
+            cast = value.astype(self.dtype)
+        self._check_finite(layer, start, cast, f"values beyond the {self.dtype} range")
+        return cast
 
     def reset_blocks(self, blocks: list[tuple[int, int]]) -> None:
         """Mark whole blocks not written, so pending_blocks() (and --resume) redoes them."""
@@ -461,13 +498,15 @@ class FeatureStore:
     # -- reading -----------------------------------------------------------------------------
 
     def read_table(self, layer: str, *, device: torch.device | str | None = None,
-                   dtype: torch.dtype = torch.float32, allow_incomplete: bool = False) -> torch.Tensor:
-        """The whole [num_samples, dim] table of a layer, read in one bulk call.
+                   dtype: torch.dtype = torch.float32, allow_incomplete: bool = False,
+                   views: bool = False) -> torch.Tensor:
+        """The whole [num_samples, dim] table of a layer (views=True: its [num_samples, K, dim]
+        augmented views), read in one bulk call.
 
         Raises StoreError if any row is not written yet (allow_incomplete=True returns them as NaN)
         or a chunk is damaged or missing.
         """
-        path = self._feature_path(layer)
+        path = self._view_path(layer) if views else self._feature_path(layer)
         mask, _ = self._read_mask()
         if not allow_incomplete and not mask.all():
             rows = np.flatnonzero(~mask)
@@ -480,13 +519,19 @@ class FeatureStore:
         if bad:
             raise StoreError(self._damage_text(path, bad))
         # A missing chunk reads as NaN (the fill value) in every column; write_block never stores NaN.
-        lost = np.flatnonzero(np.isnan(table[:, 0]) & mask)
+        lost = np.flatnonzero(np.isnan(table.reshape(len(table), -1)[:, 0]) & mask)
         if lost.size:
             raise StoreError(
                 f"array {path} of store {self.url}: rows {_rows_text(lost)} are marked complete but hold "
                 "no data (chunk files missing); run `bevcache verify`, then reset those blocks and resume."
             )
         return torch.from_numpy(table).to(device=device, dtype=dtype)
+
+    def read_digests(self) -> np.ndarray:
+        """int64 [num_samples, K]: the digest of each view's augmented input (see bevcache.replay)."""
+        if not self.num_views:
+            raise StoreError(f"store {self.url} has no augmented views (it was extracted without --views).")
+        return self._read_whole("view_digests")
 
     def read_rows(self, layer: str, rows: np.ndarray) -> np.ndarray:
         """Rows of a layer straight from the store (unwritten rows read as NaN)."""
@@ -515,8 +560,9 @@ class FeatureStore:
                 f"complete: {missing.size} of {self.num_samples} rows are not written (rows "
                 f"{_rows_text(missing)}){torn}; run `bevcache extract --resume` to finish the store."
             )
-        for name in self.layers:
-            path = self._feature_path(name)
+        layer_paths = [self._feature_path(n) for n in self.layers]
+        layer_paths += [self._view_path(n) for n in self.layers] if self.num_views else []
+        for path in layer_paths:
             try:
                 table, bad = self._read_array(path)
             except StoreError as exc:
@@ -528,6 +574,7 @@ class FeatureStore:
             done = mask.copy()
             for s, e, _ in bad:
                 done[s:e] = False
+            table = table.reshape(len(table), -1)
             finite = np.isfinite(table).all(axis=1)
             empty = np.isnan(table).all(axis=1)
             lost = np.flatnonzero(done & empty)
@@ -539,7 +586,7 @@ class FeatureStore:
             odd = np.flatnonzero(done & ~finite & ~empty)
             if odd.size:
                 problems.append(f"{path}: rows {_rows_text(odd)} contain NaN/Inf; reset their blocks and re-extract.")
-        for path in ("tokens", "sample_idx"):
+        for path in ("tokens", "sample_idx") + (("view_digests",) if self.num_views else ()):
             try:
                 data, bad = self._read_array(path)
             except StoreError as exc:
@@ -562,7 +609,8 @@ class FeatureStore:
         mask = self.complete_mask()
         itemsize = np.dtype(self.dtype).itemsize
         n = self.num_samples
-        bytes_raw = n * sum(s.dim for s in self.layers.values()) * itemsize + n * (1 + self._token_width + 8)
+        per_row = (1 + self.num_views) * sum(s.dim for s in self.layers.values()) * itemsize + 8 * self.num_views
+        bytes_raw = n * per_row + n * (1 + self._token_width + 8)
         on_disk = self._bytes_on_disk()
         return {
             "url": self.url,
@@ -571,6 +619,8 @@ class FeatureStore:
             "complete": bool(mask.all()),
             "layers": {s.name: {"dim": s.dim, "dtype": self.dtype, "pooling": s.pooling} for s in self.layers.values()},
             "dtype": self.dtype,
+            "views": self.num_views,
+            "augmentation": {k: v for k, v in (self._meta.get("augmentation") or {}).items() if k != "pipeline"} or None,
             "chunk_rows": self.chunk_rows,
             "teacher": self._meta.get("teacher"),
             "dataset": self._meta.get("dataset"),
@@ -584,13 +634,14 @@ class FeatureStore:
         }
 
     def check_matches(self, *, dataset: dict | None = None, teacher: dict | None = None,
-                      layers: list[LayerSpec] | None = None, dtype: str | None = None) -> None:
+                      layers: list[LayerSpec] | None = None, dtype: str | None = None,
+                      views: int | None = None, augmentation: dict | None = None) -> None:
         """Raise StoreMismatch listing every way this store differs from what the caller expects.
 
         Only keys given in dataset/teacher are compared; stored layers beyond `layers` are fine.
         """
         diffs: list[str] = []
-        for section, expected in (("dataset", dataset), ("teacher", teacher)):
+        for section, expected in (("dataset", dataset), ("teacher", teacher), ("augmentation", augmentation)):
             if expected is None:
                 continue
             found = self._meta.get(section) or {}
@@ -609,6 +660,8 @@ class FeatureStore:
                 diffs.append(f"layer {spec.name!r} pooling: expected {spec.pooling!r}, found {have.pooling!r}")
         if dtype is not None and _parse_dtype(dtype) != self.dtype:
             diffs.append(f"dtype: expected {_parse_dtype(dtype)!r}, found {self.dtype!r}")
+        if views is not None and int(views) != self.num_views:
+            diffs.append(f"augmented views per sample: expected {int(views)}, found {self.num_views}")
         if diffs:
             raise StoreMismatch(
                 f"store {self.url} was made for something else:\n  - " + "\n  - ".join(diffs)
@@ -627,6 +680,12 @@ class FeatureStore:
             raise StoreError(f"layer {layer!r} is not in store {self.url}; layers present: {list(self.layers)}.")
         return f"features/{spec.array_name}"
 
+    def _view_path(self, layer: str) -> str:
+        if not self.num_views:
+            raise StoreError(f"store {self.url} has no augmented views (it was extracted without --views); "
+                             "re-extract with `bevcache extract --views K` to replay augmentation.")
+        return "views/" + self._feature_path(layer).split("/", 1)[1]
+
     def _expected(self, path: str) -> tuple[tuple[int, ...], str]:
         n = self.num_samples
         if path == "complete":
@@ -635,8 +694,11 @@ class FeatureStore:
             return (n, self._token_width), "uint8"
         if path == "sample_idx":
             return (n,), "int64"
-        dim = next(s.dim for s in self.layers.values() if f"features/{s.array_name}" == path)
-        return (n, dim), self.dtype
+        if path == "view_digests":
+            return (n, self.num_views), "int64"
+        kind, name = path.split("/", 1)
+        dim = next(s.dim for s in self.layers.values() if s.array_name == name)
+        return ((n, self.num_views, dim) if kind == "views" else (n, dim)), self.dtype
 
     def _array(self, path: str) -> zarr.Array:
         if path not in self._arrays:
@@ -706,7 +768,7 @@ class FeatureStore:
             if value.dtype.kind in "iub":
                 return
             raise StoreError(f"layer {layer!r}: features must be a float array. Got dtype {value.dtype}.")
-        bad = np.flatnonzero(~np.isfinite(value).all(axis=1))
+        bad = np.flatnonzero(~np.isfinite(value.reshape(value.shape[0], -1)).all(axis=1))
         if bad.size == 0:
             return
         named = []

@@ -9,7 +9,6 @@ train transforms. The Runner then does the rest; no training loop lives in bevca
 from __future__ import annotations
 
 import copy
-import inspect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,8 +17,10 @@ from pathlib import Path
 import torch
 
 from .data import (
+    INDEX_PRESERVING_WRAPPERS,
     build_base_dataset,
     dataset_identity,
+    ensure_index_meta,
     random_transforms,
     set_data_root,
     strip_random_transforms,
@@ -28,13 +29,17 @@ from .data import (
 )
 from .errors import ConfigError, StoreError
 from .features import LayerRecorder
+from .replay import check_same_pipeline
 from .runtime import init_distributed, load_config, parse_cfg_options, setup_runtime
+from .store import fingerprint_tokens, open_store
 
 log = logging.getLogger("bevcache")
 
 DISTILL_DEFAULTS = dict(cache=None, layers={"pts_neck": "pts_neck"}, alpha=1.0, feat_dim=128, nce_k=16384,
-                        nce_t=0.07, nce_m=0.5, z_momentum=None, pooling=None, augmentation="drop")
-AUGMENTATION_POLICIES = ("drop", "keep")
+                        nce_t=0.07, nce_m=0.5, z_momentum=None, pooling=None, augmentation="drop", views=None)
+# Random train transforms: drop them, keep them (the cached vector then describes another input),
+# or replay the store's augmented views exactly (bevcache.replay).
+AUGMENTATION_POLICIES = ("drop", "keep", "replay")
 
 
 @dataclass
@@ -53,17 +58,6 @@ class TrainOptions:
     teacher_checkpoint: str | None = None
     plain: bool = False
     data_root: str | None = None
-
-
-def _ensure_index_meta(pipeline: list) -> None:
-    """Make Pack3DDetInputs carry sample_idx and token: the store row and its identity check."""
-    from mmdet3d.datasets.transforms import Pack3DDetInputs
-
-    default = inspect.signature(Pack3DDetInputs.__init__).parameters["meta_keys"].default
-    for step in pipeline:
-        if str(step.get("type", "")).endswith("Pack3DDetInputs"):
-            keys = tuple(step.get("meta_keys", default))
-            step["meta_keys"] = keys + tuple(k for k in ("sample_idx", "token") if k not in keys)
 
 
 def _probe_dims(model: torch.nn.Module, dataset, layers: Sequence[str], pooling: dict[str, str]) -> dict[str, int]:
@@ -120,7 +114,7 @@ def build_train_config(opts: TrainOptions):
         trust_own_checkpoints_for_resume()
         cfg.resume = True
         cfg.load_from = None if opts.resume == "auto" else opts.resume
-    _ensure_index_meta(unwrap_dataset_cfg(cfg.train_dataloader.dataset).pipeline)
+    ensure_index_meta(unwrap_dataset_cfg(cfg.train_dataloader.dataset).pipeline)
 
     settings = _distill_settings(cfg, opts)
     online = opts.teacher_online is not None
@@ -132,7 +126,10 @@ def build_train_config(opts: TrainOptions):
     # Random train transforms make the student see another input than the cached teacher saw.
     train_ds = unwrap_dataset_cfg(cfg.train_dataloader.dataset)
     randoms = random_transforms(train_ds.pipeline)
-    if randoms:
+    replay = settings["augmentation"] == "replay"
+    if replay:
+        log.info("distillation: replaying the teacher's augmented views (random transforms %s)", randoms)
+    elif randoms:
         if settings["augmentation"] == "drop":
             log.warning("distillation: dropping random train transforms %s (distill.augmentation='drop'); "
                         "set 'keep' to train with them against features of the un-augmented sample", randoms)
@@ -159,8 +156,6 @@ def build_train_config(opts: TrainOptions):
         del teacher
         model_kwargs.update(teacher=teacher_cfg.model.to_dict(), teacher_checkpoint=opts.teacher_checkpoint)
     else:
-        from .store import fingerprint_tokens, open_store
-
         store = open_store(settings["cache"])
         if not store.complete_mask().all():
             missing = int((~store.complete_mask()).sum())
@@ -173,6 +168,15 @@ def build_train_config(opts: TrainOptions):
         pooling = {s: settings["pooling"] or store.layers[t].pooling for s, t in layers.items()}
         teacher_dims = {t: store.layers[t].dim for t in layers.values()}
         model_kwargs.update(cache=settings["cache"])
+        if replay:
+            if not store.num_views:
+                raise StoreError(f"distill.augmentation='replay' needs a store with augmented views; {settings['cache']} "
+                                 "has none. Extract with `bevcache extract --views K` (e.g. 4).")
+            check_same_pipeline(store.attrs.get("augmentation", {}), train_ds.pipeline, where=settings["cache"])
+            settings["views"] = store.num_views
+            model_kwargs.update(replay=True)
+    if replay:
+        _wrap_for_replay(cfg, settings, fingerprint_tokens(tokens)["sha256"])
 
     with torch.random.fork_rng(devices=[]):
         probe = MODELS.build(copy.deepcopy(cfg.model))
@@ -188,6 +192,24 @@ def build_train_config(opts: TrainOptions):
         feat_dim=int(settings["feat_dim"]), nce_k=nce_k, nce_t=float(settings["nce_t"]),
         nce_m=float(settings["nce_m"]), z_momentum=settings["z_momentum"], **model_kwargs)
     return cfg
+
+
+def _wrap_for_replay(cfg, settings: dict, fingerprint: str) -> None:
+    """Put ReplayViewsDataset right around the base train dataset (inside CBGS/Repeat wrappers)
+    and the hook that advances its epoch."""
+    views = settings["views"]
+    if not isinstance(views, int) or isinstance(views, bool) or views < 1:
+        raise ConfigError("distill.augmentation='replay' with an online teacher needs distill.views=K (K >= 1), "
+                          f"the number of augmented views to draw from. Got {views!r}.")
+    parent = cfg.train_dataloader
+    while parent["dataset"].get("type") in INDEX_PRESERVING_WRAPPERS:
+        parent = parent["dataset"]
+    base = parent["dataset"]
+    base["filter_empty_gt"] = False  # every view must exist, as it did when the teacher saw it
+    seed = (cfg.get("randomness") or {}).get("seed")
+    parent["dataset"] = dict(type="ReplayViewsDataset", dataset=base, num_views=views, fingerprint=fingerprint,
+                             seed=0 if seed is None else int(seed))
+    cfg.custom_hooks = [*cfg.get("custom_hooks", []), dict(type="ReplayEpochHook")]
 
 
 def export_student(checkpoint: str, out: str) -> str:

@@ -27,6 +27,21 @@ train_pipeline = [
     dict(type='ObjectNameFilter', classes=class_names),
     dict(type='Pack3DDetInputs', keys=pack_keys),
 ]
+# The teachers' augmented training pipeline (random rotation/scale, flips, point order). A student
+# that replays cached augmented views (distill.augmentation='replay') must use exactly this one.
+augmented_train_pipeline = [
+    load_points,
+    dict(type='LoadAnnotations3D', with_bbox_3d=True, with_label_3d=True, with_attr_label=False),
+    dict(type='GlobalRotScaleTrans', rot_range=[-0.3925, 0.3925], scale_ratio_range=[0.95, 1.05],
+         translation_std=[0, 0, 0]),
+    dict(type='RandomFlip3D', sync_2d=False, flip_ratio_bev_horizontal=0.5,
+         flip_ratio_bev_vertical=0.5),
+    dict(type='PointsRangeFilter', point_cloud_range=point_cloud_range),
+    dict(type='ObjectRangeFilter', point_cloud_range=point_cloud_range),
+    dict(type='ObjectNameFilter', classes=class_names),
+    dict(type='PointShuffle'),
+    dict(type='Pack3DDetInputs', keys=pack_keys),
+]
 test_pipeline = [
     load_points,
     dict(type='PointsRangeFilter', point_cloud_range=point_cloud_range),

@@ -1,0 +1,200 @@
+"""Augmentation replay: K augmented teacher views per sample, replayed exactly for the student.
+
+View v (1..K) of dataset index i is the config's *training* pipeline run under one seed derived
+from (dataset fingerprint, i, v); every RNG a transform may use (Python's `random`, numpy's global
+RNG, torch's CPU RNG) is seeded for that one call and restored after, so the surrounding run's
+randomness is untouched. Extraction stores the teacher's pooled vector of each view plus a digest
+of the augmented input; training wraps the base dataset in `ReplayViewsDataset`, which picks a
+view per sample per epoch, runs the student's (identical) pipeline under the same seed and tags
+the data sample with the view id and digest, so the distiller looks up row [index, view] and can
+prove the student saw the teacher's input. View 0 is the un-augmented (test pipeline) sample.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import difflib
+import hashlib
+import json
+import random
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from mmdet3d.registry import DATASETS, HOOKS
+from mmengine.hooks import Hook
+
+from .errors import ConfigError, StoreMismatch
+
+SEED_SCHEME = "uint32 big-endian of sha256('<dataset sha256>:<index>:<view>')[:4]"
+VIEW_META = "replay_view"
+DIGEST_META = "replay_digest"
+
+
+def view_seed(fingerprint: str, index: int, view: int) -> int:
+    """The seed of view `view` of dataset index `index` (SEED_SCHEME)."""
+    digest = hashlib.sha256(f"{fingerprint}:{int(index)}:{int(view)}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+def pick_view(run_seed: int, epoch: int, index: int, num_views: int) -> int:
+    """The view (1..K) a sample shows in an epoch: uniform over K, fixed by (run seed, epoch, index)."""
+    digest = hashlib.sha256(f"pick:{int(run_seed)}:{int(epoch)}:{int(index)}".encode()).digest()
+    return 1 + int.from_bytes(digest[:8], "big") % num_views
+
+
+@contextlib.contextmanager
+def seeded_rngs(seed: int) -> Iterator[None]:
+    """Seed Python's, numpy's global and torch's CPU RNG for the block; restore all three after."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def input_digest(packed: dict) -> int:
+    """int64 digest of an augmented sample: every input tensor plus the GT boxes and labels."""
+    h = hashlib.sha256()
+    for key in sorted(packed["inputs"]):
+        value = packed["inputs"][key]
+        if isinstance(value, torch.Tensor):
+            h.update(key.encode())
+            h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    gt = getattr(packed.get("data_samples"), "gt_instances_3d", None)
+    if gt is not None:
+        for key in ("bboxes_3d", "labels_3d"):
+            if key in gt:
+                value = gt[key]
+                value = getattr(value, "tensor", value)
+                h.update(key.encode())
+                h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return int.from_bytes(h.digest()[:8], "big", signed=True)
+
+
+def augmented_sample(dataset, index: int, view: int, fingerprint: str) -> dict:
+    """Base dataset sample `index` through its (training) pipeline under the seed of `view`, tagged."""
+    with seeded_rngs(view_seed(fingerprint, index, view)):
+        packed = dataset.prepare_data(index)
+    if packed is None:
+        raise ConfigError(
+            f"the train pipeline dropped dataset index {index} (view {view}): augmentation replay needs "
+            "every view to produce a sample; set filter_empty_gt=False on the train dataset."
+        )
+    packed["data_samples"].set_metainfo({VIEW_META: int(view), DIGEST_META: input_digest(packed)})
+    return packed
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline the views were made with
+
+
+def pipeline_record(pipeline: Sequence[dict]) -> dict:
+    """JSON text and sha256 of a train pipeline, with Pack3DDetInputs' meta_keys left out
+    (training adds sample_idx/token to them; they change no point or box)."""
+    steps = []
+    for step in copy.deepcopy(list(pipeline)):
+        step = dict(step)
+        step["type"] = str(step.get("type", "")).split(".")[-1]
+        if step["type"] == "Pack3DDetInputs":
+            step.pop("meta_keys", None)
+        steps.append(step)
+    text = json.dumps(steps, sort_keys=True, default=str)
+    return {"pipeline": json.loads(text), "pipeline_sha256": hashlib.sha256(text.encode()).hexdigest()}
+
+
+def check_same_pipeline(recorded: dict, student_pipeline: Sequence[dict], *, where: str) -> None:
+    """Refuse when the student's train pipeline is not the one the views were made with."""
+    mine = pipeline_record(student_pipeline)
+    if mine["pipeline_sha256"] == recorded.get("pipeline_sha256"):
+        return
+    theirs = recorded.get("pipeline") or []
+    lines = []
+    matcher = difflib.SequenceMatcher(a=[json.dumps(s, sort_keys=True) for s in theirs],
+                                      b=[json.dumps(s, sort_keys=True) for s in mine["pipeline"]])
+    for op, a0, a1, b0, b1 in matcher.get_opcodes():
+        if op == "equal":
+            continue
+        for old, new in zip(theirs[a0:a1], mine["pipeline"][b0:b1], strict=False):  # extras listed below
+            if old.get("type") == new.get("type"):
+                keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+                lines.append(f"{new['type']}: " + ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys))
+            else:
+                lines.append(f"{old.get('type')} replaced by {new.get('type')}")
+        extra_a, extra_b = theirs[a0 + (b1 - b0):a1], mine["pipeline"][b0 + (a1 - a0):b1]
+        lines += [f"{s.get('type')} removed" for s in extra_a] + [f"{s.get('type')} added" for s in extra_b]
+    raise StoreMismatch(
+        f"the student's train pipeline differs from the one the views in {where} were made with: "
+        + "; ".join(lines or ["(same steps, different order)"])
+        + ". Use the teacher's train pipeline in the student config, or re-extract with the student's."
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Training side
+
+
+@DATASETS.register_module()
+class ReplayViewsDataset:
+    """Wraps the base train dataset: item i is view `pick_view(seed, epoch, i, K)` of sample i,
+    produced under that view's extraction seed. Index-preserving, so CBGS/Repeat may wrap it.
+
+    The epoch lives in shared memory so persistent loader workers see `set_epoch` from the main
+    process (`ReplayEpochHook` calls it before every epoch). `dataset[(i, v)]` asks for a view.
+    """
+
+    def __init__(self, dataset: dict | Any, num_views: int, fingerprint: str, seed: int = 0) -> None:
+        if int(num_views) < 1:
+            raise ConfigError(f"ReplayViewsDataset needs num_views >= 1. Got {num_views}.")
+        self.dataset = DATASETS.build(dataset) if isinstance(dataset, dict) else dataset
+        self.num_views = int(num_views)
+        self.fingerprint = str(fingerprint)
+        self.seed = int(seed)
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.fill_(int(epoch))
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        index, view = key if isinstance(key, tuple) else (key, pick_view(self.seed, self.epoch, key, self.num_views))
+        return augmented_sample(self.dataset, int(index), int(view), self.fingerprint)
+
+    def __getattr__(self, name: str) -> Any:  # metainfo, get_data_info, get_cat_ids, full_init, ...
+        if name in ("dataset", "_epoch"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def find_replay_dataset(dataset: Any) -> ReplayViewsDataset | None:
+    """The ReplayViewsDataset inside (or being) a possibly wrapped dataset."""
+    while dataset is not None:
+        if isinstance(dataset, ReplayViewsDataset):
+            return dataset
+        dataset = getattr(dataset, "dataset", None)
+    return None
+
+
+@HOOKS.register_module()
+class ReplayEpochHook(Hook):
+    """Tell the replay wrapper the epoch before each one, so every epoch draws fresh views."""
+
+    priority = "VERY_HIGH"
+
+    def before_train_epoch(self, runner) -> None:
+        replay = find_replay_dataset(runner.train_dataloader.dataset)
+        if replay is not None:
+            replay.set_epoch(runner.epoch)

@@ -1,0 +1,258 @@
+"""Augmentation replay: seeded views at extraction, the exact same input for the student, equal losses."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bevcache.errors import ConfigError, FeatureValueError, StoreError, StoreMismatch
+from bevcache.extract import ExtractOptions, extract
+from bevcache.replay import (
+    DIGEST_META,
+    VIEW_META,
+    ReplayEpochHook,
+    ReplayViewsDataset,
+    find_replay_dataset,
+    pick_view,
+    seeded_rngs,
+)
+from bevcache.store import LayerSpec, create_store, open_store
+from bevcache.train import TrainOptions, build_train_config
+
+from .conftest import CONFIGS, REPO, bevcache_cmd, tiny_cfg
+from .test_extract import _run_killed
+from .test_extract import teacher_ckpt  # noqa: F401  (module fixture reused)
+from .test_train import run, short_run
+
+TEACHER = str(CONFIGS / "tiny_teacher.py")
+REPLAY_STUDENT = str(CONFIGS / "tiny_student_replay.py")
+VIEWS = 2
+
+
+def _extract_args(data_root, ckpt, out) -> list[str]:
+    return ["extract", "--config", TEACHER, "--checkpoint", ckpt, "--data-root", str(data_root), "--out", str(out),
+            "--batch-size", "3", "--num-workers", "0", "--chunk-rows", "4", "--dtype", "float32", "--views", str(VIEWS)]
+
+
+@pytest.fixture(scope="module")
+def views_store(data_root, teacher_ckpt, tmp_path_factory) -> str:  # noqa: F811
+    out = tmp_path_factory.mktemp("views") / "features.zarr"
+    extract(ExtractOptions(config=TEACHER, checkpoint=teacher_ckpt, out=str(out), data_root=str(data_root),
+                           batch_size=3, num_workers=0, chunk_rows=4, dtype="float32", views=VIEWS, progress=False))
+    return str(out)
+
+
+def _train_dataset(cfg):
+    from mmdet3d.registry import DATASETS
+
+    return DATASETS.build(cfg.train_dataloader.dataset)
+
+
+def _points_and_boxes(sample: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    return sample["inputs"]["points"], sample["data_samples"].gt_instances_3d.bboxes_3d.tensor
+
+
+# -- seeds and view picking ---------------------------------------------------------------------
+
+
+def test_seeded_rngs_repeat_inside_and_restore_outside():
+    def draw():
+        return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    expected_after = draw()
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    with seeded_rngs(5):
+        first = draw()
+    with seeded_rngs(5):
+        assert draw() == first
+    with seeded_rngs(6):
+        assert draw() != first
+    assert draw() == expected_after  # the surrounding run's streams did not move
+
+
+def test_pick_view_is_uniform_deterministic_and_changes_with_epoch():
+    picks = [pick_view(0, 0, i, 4) for i in range(4000)]
+    counts = np.bincount(picks, minlength=5)
+    assert counts[0] == 0 and all(800 <= c <= 1200 for c in counts[1:]), counts
+    assert picks == [pick_view(0, 0, i, 4) for i in range(4000)]
+    assert sum(a != pick_view(0, 1, i, 4) for i, a in enumerate(picks)) > 2500  # ~3/4 change
+    assert sum(a != pick_view(1, 0, i, 4) for i, a in enumerate(picks)) > 2500  # another run seed
+
+
+# -- the store ------------------------------------------------------------------------------------
+
+
+def test_store_with_views_writes_checks_and_verifies(tmp_path):
+    url = str(tmp_path / "s.zarr")
+    store = create_store(url, num_samples=5, layers=[LayerSpec("pts_neck", 3, "avg")], dtype="float32",
+                         tokens=list("abcde"), sample_idx=list(range(5)), metadata={}, chunk_rows=2, views=2)
+    rng = np.random.default_rng(0)
+    with pytest.raises(StoreError, match="views"):
+        store.write_block(0, {"pts_neck": rng.random((2, 3))})  # views missing
+    bad_views = {"pts_neck": np.full((2, 2, 3), np.nan)}
+    with pytest.raises(FeatureValueError, match="NaN"):
+        store.write_block(0, {"pts_neck": rng.random((2, 3))}, views=bad_views, digests=np.zeros((2, 2)))
+    feats, views, digests = rng.random((5, 3)), rng.random((5, 2, 3)), rng.integers(-9, 9, (5, 2))
+    for s, e in store.blocks():
+        store.write_block(s, {"pts_neck": feats[s:e]}, views={"pts_neck": views[s:e]}, digests=digests[s:e])
+    store = open_store(url)
+    assert store.num_views == 2 and store.verify() == [] and store.info()["views"] == 2
+    np.testing.assert_allclose(store.read_table("pts_neck", views=True).numpy(), views.astype(np.float32))
+    np.testing.assert_array_equal(store.read_digests(), digests)
+    chunk = Path(url) / "views" / "pts_neck" / "c" / "1" / "0" / "0"
+    chunk.unlink()  # rows 2-3 of the views lost
+    problems = store.verify()
+    assert any("views/pts_neck" in p and "2-3" in p for p in problems), problems
+    with pytest.raises(StoreMismatch, match="augmented views per sample: expected 4, found 2"):
+        store.check_matches(views=4)
+
+
+# -- extraction and replay --------------------------------------------------------------------------
+
+
+def test_view_rows_are_the_teacher_on_the_augmented_input(views_store, data_root, teacher_ckpt):  # noqa: F811
+    from mmengine.dataset import pseudo_collate
+
+    from bevcache.extract import _views_dataset, build_teacher, pooled_teacher_features
+    from bevcache.features import LayerRecorder
+
+    store = open_store(views_store)
+    info = store.info()
+    assert info["views"] == VIEWS and info["complete"] and info["augmentation"]["pipeline_sha256"]
+    assert "GlobalRotScaleTrans" in str(store.attrs["augmentation"]["pipeline"])
+    cfg = tiny_cfg("tiny_teacher.py", data_root)
+    model = build_teacher(cfg, teacher_ckpt, torch.device("cpu"))
+    views_ds, _ = _views_dataset(cfg, {"split": "train", "views": VIEWS}, store.tokens)
+    table, plain = store.read_table("pts_neck", views=True), store.read_table("pts_neck")
+    with LayerRecorder(model, ["pts_neck"], stop_early=True) as rec:
+        for index, view in ((0, 1), (5, 2), (11, 1)):
+            data = model.data_preprocessor(pseudo_collate([views_ds[(index, view)]]), False)
+            direct = pooled_teacher_features(model, rec, data, "avg")["pts_neck"][0]
+            torch.testing.assert_close(table[index, view - 1], direct, rtol=1e-5, atol=1e-6)
+            assert not torch.allclose(table[index, view - 1], plain[index], atol=1e-4)  # augmented: another input
+
+
+def test_student_replay_sees_bit_identical_points_and_boxes(views_store, data_root):
+    from bevcache.extract import _views_dataset
+
+    store = open_store(views_store)
+    digests = store.read_digests()
+    cfg = build_train_config(TrainOptions(student=REPLAY_STUDENT, data_root=str(data_root), cache=views_store))
+    student_ds = _train_dataset(cfg)
+    replay = find_replay_dataset(student_ds)
+    assert replay is not None and replay.num_views == VIEWS
+    teacher_views, _ = _views_dataset(tiny_cfg("tiny_teacher.py", data_root), {"split": "train", "views": VIEWS},
+                                      store.tokens)
+    seen = set()
+    for epoch in (0, 1, 2):
+        replay.set_epoch(epoch)
+        for index in (0, 3, 7, 11):
+            sample = student_ds[index]
+            view = sample["data_samples"].metainfo[VIEW_META]
+            assert view == pick_view(replay.seed, epoch, index, VIEWS)
+            assert sample["data_samples"].metainfo[DIGEST_META] == digests[index, view - 1]
+            points, boxes = _points_and_boxes(sample)
+            t_points, t_boxes = _points_and_boxes(teacher_views[(index, view)])
+            assert torch.equal(points, t_points) and torch.equal(boxes, t_boxes)
+            other = _points_and_boxes(teacher_views[(index, 3 - view)])[0]
+            assert not (points.shape == other.shape and torch.equal(points, other))  # views really differ
+            seen.add((index, view))
+    assert len({v for _, v in seen}) == VIEWS
+
+
+def test_persistent_workers_follow_the_epoch(views_store, data_root):
+    from mmengine.dataset import pseudo_collate
+    from torch.utils.data import DataLoader
+
+    cfg = build_train_config(TrainOptions(student=REPLAY_STUDENT, data_root=str(data_root), cache=views_store))
+    assert {"type": "ReplayEpochHook"} in [dict(h) for h in cfg.custom_hooks]
+    dataset = _train_dataset(cfg)
+    replay = find_replay_dataset(dataset)
+    loader = DataLoader(dataset, batch_size=4, num_workers=2, persistent_workers=True, collate_fn=pseudo_collate)
+    hook, runner = ReplayEpochHook(), type("R", (), {"train_dataloader": loader})()
+    for epoch in (0, 1):
+        runner.epoch = epoch
+        hook.before_train_epoch(runner)  # set in the main process, read in the (forked, persistent) workers
+        got = [s.metainfo[VIEW_META] for batch in loader for s in batch["data_samples"]]
+        assert got == [pick_view(replay.seed, epoch, i, VIEWS) for i in range(len(dataset))]
+
+
+def test_cached_replay_training_equals_online_training_on_the_same_augmented_batches(
+        views_store, data_root, teacher_ckpt, tmp_path):  # noqa: F811
+    cached_runner, cached = run(short_run(build_train_config(TrainOptions(
+        student=REPLAY_STUDENT, data_root=str(data_root), cache=views_store)), tmp_path / "cached", 3))
+    online_runner, online = run(short_run(build_train_config(TrainOptions(
+        student=REPLAY_STUDENT, data_root=str(data_root), teacher_online=TEACHER, teacher_checkpoint=teacher_ckpt,
+        distill_options=[f"views={VIEWS}"])), tmp_path / "online", 3))
+    assert cached.samples == online.samples
+    for a, b in zip(cached.losses, online.losses, strict=True):
+        assert a.keys() == b.keys() and "loss_crd_pts_neck" in a
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (key, cached.losses, online.losses)
+    s_cached, s_online = cached_runner.model.student_state_dict(), online_runner.model.student_state_dict()
+    for key, value in s_cached.items():
+        torch.testing.assert_close(value, s_online[key], rtol=1e-5, atol=1e-6)
+
+
+def test_a_changed_augmented_input_is_refused_at_the_loss(views_store, data_root):
+    from mmdet3d.registry import MODELS
+    from mmdet3d.structures import Det3DDataSample
+
+    cfg = build_train_config(TrainOptions(student=REPLAY_STUDENT, data_root=str(data_root), cache=views_store))
+    model = MODELS.build(cfg.model)
+    token = open_store(views_store).tokens[4]
+    sample = Det3DDataSample(metainfo={"sample_idx": 4, "token": token, VIEW_META: 2, DIGEST_META: 12345})
+    with pytest.raises(StoreMismatch, match="dataset index 4, view 2"):
+        model._checked_views([sample], torch.tensor([4]))
+
+
+def test_resume_of_a_killed_view_extraction_gives_the_identical_store(views_store, data_root, teacher_ckpt, tmp_path):  # noqa: F811
+    out = tmp_path / "killed.zarr"
+    args = _extract_args(data_root, teacher_ckpt, out)
+    assert _run_killed(args, {"BEVCACHE_KILL_AFTER_BLOCKS": "1"}) == -signal.SIGKILL
+    partial = open_store(str(out))
+    assert 0 < int(partial.complete_mask().sum()) < 12
+    result = subprocess.run(bevcache_cmd(*args, "--resume"), cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    resumed, ref = open_store(str(out)), open_store(views_store)
+    assert resumed.verify() == []
+    assert torch.equal(resumed.read_table("pts_neck"), ref.read_table("pts_neck"))
+    assert torch.equal(resumed.read_table("pts_neck", views=True), ref.read_table("pts_neck", views=True))
+    np.testing.assert_array_equal(resumed.read_digests(), ref.read_digests())
+    other = subprocess.run(bevcache_cmd(*args[:-1], "3", "--resume"), cwd=REPO, capture_output=True, text=True)
+    assert other.returncode == 1 and "augmented views per sample: expected 3, found 2" in other.stderr
+
+
+@pytest.mark.parametrize("drop, expected", [("nothing", "GlobalRotScaleTrans: rot_range"),
+                                            ("PointShuffle", "PointShuffle removed")])
+def test_a_different_student_pipeline_is_refused_naming_the_transform(views_store, data_root, tmp_path, drop, expected):
+    from bevcache.runtime import load_config
+
+    pipeline = load_config(REPLAY_STUDENT).to_dict()["train_dataloader"]["dataset"]["pipeline"]
+    pipeline = [dict(s, rot_range=[-0.8, 0.8]) if s["type"] == "GlobalRotScaleTrans" else s
+                for s in pipeline if s["type"] != drop]
+    config = tmp_path / "student.py"
+    config.write_text(f"_base_ = [{REPLAY_STUDENT!r}]\ntrain_dataloader = dict(dataset=dict(pipeline={pipeline!r}))\n")
+    with pytest.raises(StoreMismatch, match="differs from the one the views") as err:
+        build_train_config(TrainOptions(student=str(config), data_root=str(data_root), cache=views_store))
+    assert expected in str(err.value)
+
+
+def test_replay_without_views_is_a_clear_error(data_root, teacher_ckpt, tmp_path):  # noqa: F811
+    plain = tmp_path / "plain.zarr"
+    extract(ExtractOptions(config=TEACHER, checkpoint=teacher_ckpt, out=str(plain), data_root=str(data_root),
+                           batch_size=4, num_workers=0, chunk_rows=4, progress=False))
+    with pytest.raises(StoreError, match="--views K"):
+        build_train_config(TrainOptions(student=REPLAY_STUDENT, data_root=str(data_root), cache=str(plain)))
+    with pytest.raises(ConfigError, match="distill.views=K"):
+        build_train_config(TrainOptions(student=REPLAY_STUDENT, data_root=str(data_root), teacher_online=TEACHER,
+                                        teacher_checkpoint=teacher_ckpt))
+    with pytest.raises(ConfigError, match="num_views >= 1"):
+        ReplayViewsDataset(dataset=[], num_views=0, fingerprint="x")
