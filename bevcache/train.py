@@ -132,11 +132,14 @@ def build_train_config(opts: TrainOptions):
     elif randoms:
         if settings["augmentation"] == "drop":
             log.warning("distillation: dropping random train transforms %s (distill.augmentation='drop'); "
-                        "set 'keep' to train with them against features of the un-augmented sample", randoms)
+                        "'replay' (a store extracted with --views K) distils on augmented inputs", randoms)
             train_ds.pipeline = strip_random_transforms(train_ds.pipeline)
+        elif online:
+            log.info("distillation: keeping random train transforms %s; the online teacher sees the same "
+                     "augmented batch (distill.augmentation='keep')", randoms)
         else:
-            log.warning("distillation: keeping random train transforms %s although the teacher features "
-                        "describe the un-augmented sample (distill.augmentation='keep')", randoms)
+            log.warning("distillation: keeping random train transforms %s although the cached teacher features "
+                        "describe the un-augmented sample (distill.augmentation='keep'); 'replay' avoids that", randoms)
 
     dataset = build_base_dataset(cfg, "train", pipeline=test_pipeline(cfg))
     tokens, _ = dataset_identity(dataset)

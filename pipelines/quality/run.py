@@ -5,7 +5,12 @@ seeds with the same schedule and a validation every epoch:
   (a) plain            `bevcache train --plain`
   (b) cached CRD       `bevcache train --cache features.zarr`
   (c) online CRD       `bevcache train --teacher-online configs/tiny_teacher.py --teacher-checkpoint ...`
-plus optional tuning variants of (b) (`--alpha 0.5,2`, `--nce-k 256,1024`).
+and the same with the teacher's augmentation (configs/tiny_student_replay.py):
+  (a+) plain, augmented                     `--plain`
+  (c+) online CRD, augmented                `--teacher-online ... --distill augmentation=keep`
+  (d)  cached CRD + augmentation replay     `--cache features-views<K>.zarr` (`bevcache extract --views K`)
+plus optional tuning variants of (b) (`--alpha 0.5,2`, `--nce-k 256,1024`), and the extraction
+cost for each K of `--views-cost` (wall clock and store size).
 Writes docs/quality/report.md, results.json, map_over_epochs.png, time_per_epoch.png.
 
 Resumable: every finished step leaves a `quality_run.json` (its settings, metrics and wall clock)
@@ -38,8 +43,12 @@ from common import REPO, bevcache, val_history  # noqa: E402
 
 TEACHER_CFG = "configs/tiny_teacher.py"
 STUDENT_CFG = "configs/tiny_student.py"
+REPLAY_STUDENT_CFG = "configs/tiny_student_replay.py"  # the teacher's augmented train pipeline
 MARKER = "quality_run.json"
-LABELS = {"plain": "(a) plain", "cached": "(b) cached CRD", "online": "(c) online CRD"}
+LABELS = {"plain": "(a) plain", "cached": "(b) cached CRD", "online": "(c) online CRD",
+          "plain-aug": "(a+) plain, augmented", "online-aug": "(c+) online CRD, augmented",
+          "cached-replay": "(d) cached CRD + augmentation replay"}
+AUGMENTED = ("plain-aug", "online-aug", "cached-replay")
 TIME_KEYS = ("time", "data_time")
 
 
@@ -55,7 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--teacher-epochs", type=int, default=8)
     p.add_argument("--epochs", type=int, default=8, help="Student epochs (validation after every epoch).")
     p.add_argument("--seeds", type=int, default=3, help="Seeds per student variant (0..S-1).")
-    p.add_argument("--variants", default="plain,cached,online", help="Subset of plain,cached,online.")
+    p.add_argument("--variants", default=",".join(LABELS), help=f"Subset of {','.join(LABELS)}.")
+    p.add_argument("--views", type=int, default=4, help="K augmented views per sample for (d).")
+    p.add_argument("--views-cost", default="0,2,4,8", help="Measure extraction time and store size for these K.")
     p.add_argument("--alpha", default="", help="Extra cached-CRD variants with these alphas, e.g. 0.5,2.")
     p.add_argument("--nce-k", default="", help="Extra cached-CRD variants with these nce_k, e.g. 256,1024.")
     p.add_argument("--batch-size", type=int, default=None, help="Override the configs' batch size (4).")
@@ -65,6 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="24 train / 8 val, 1 epoch, 1 seed: a smoke test "
                                                         "that writes under work_dirs/quality-quick/ only.")
     args = p.parse_args(argv)
+    if args.views < 1:
+        p.error("--views must be >= 1")
     if args.quick:
         args.train, args.val, args.teacher_epochs, args.epochs, args.seeds = 24, 8, 1, 1, 1
     args.out = Path(args.out or REPO / "work_dirs" / ("quality-quick" if args.quick else "quality")).resolve()
@@ -79,7 +92,8 @@ def variants(args) -> list[dict]:
     for kind in [v for v in args.variants.split(",") if v]:
         if kind not in LABELS:
             sys.exit(f"unknown variant {kind!r}; known: {list(LABELS)}")
-        out.append({"name": kind, "kind": kind, "label": LABELS[kind], "distill": {}})
+        label = LABELS[kind] + (f" (K={args.views})" if kind == "cached-replay" else "")
+        out.append({"name": kind, "kind": kind, "label": label, "distill": {}})
     for a in [x for x in args.alpha.split(",") if x]:
         out.append({"name": f"cached-alpha{a}", "kind": "cached", "label": f"(b') cached CRD, alpha={a}",
                     "distill": {"alpha": float(a)}})
@@ -199,37 +213,51 @@ def teacher(args) -> tuple[dict, str]:
     return record, ckpt
 
 
-def extract(args, teacher_sig: str, ckpt: str) -> tuple[dict, Path]:
-    store = args.out / "features.zarr"
-    marker = args.out / "extract.json"
-    sig = signature(step="extract", teacher=teacher_sig)
+def extract(args, teacher_sig: str, ckpt: str, views: int = 0, where: Path | None = None) -> tuple[dict, Path]:
+    """The teacher's pts_neck store (with `views` augmented views per sample when > 0)."""
+    from bevcache.store import open_store
+
+    tag = f"-views{views}" if views or where else ""
+    where = where or args.out
+    store = where / f"features{tag}.zarr"
+    marker = where / f"extract{tag}.json"
+    sig = signature(step="extract", teacher=teacher_sig, **({"views": views} if tag else {}))
     if marker.is_file() and json.loads(marker.read_text()).get("signature") == sig and store.exists():
-        print(f"[quality] extract: done before, reused ({store})", flush=True)
-        return json.loads(marker.read_text()), store
-    print(f"[quality] extract the teacher's pts_neck -> {store}", flush=True)
+        print(f"[quality] extract (K={views}): done before, reused ({store})", flush=True)
+        record = json.loads(marker.read_text())
+        record.setdefault("bytes_on_disk", open_store(str(store)).info()["bytes_on_disk"])
+        return record, store
+    print(f"[quality] extract the teacher's pts_neck, K={views} augmented views -> {store}", flush=True)
     seconds = bevcache("extract", "--config", TEACHER_CFG, "--checkpoint", ckpt, "--out", str(store),
-                       "--data-root", str(args.data), "--overwrite", log_file=args.out / "logs" / "extract.log")
-    record = {"signature": sig, "seconds": seconds, "store": str(store)}
+                       "--data-root", str(args.data), "--overwrite", "--views", str(views),
+                       log_file=args.out / "logs" / f"extract{tag}.log")
+    record = {"signature": sig, "seconds": seconds, "store": str(store), "views": views,
+              "bytes_on_disk": open_store(str(store)).info()["bytes_on_disk"]}
     marker.write_text(json.dumps(record, indent=2))
     return record, store
 
 
-def student(args, variant: dict, seed: int, upstream: str, store: Path, ckpt: str) -> dict:
-    extra: list[str] = []
-    if variant["kind"] == "plain":
+def student(args, variant: dict, seed: int, upstream: str, stores: dict[int, Path], ckpt: str) -> dict:
+    kind = variant["kind"]
+    if kind in ("plain", "plain-aug"):
         extra = ["--plain"]
-    elif variant["kind"] == "cached":
-        extra = ["--cache", str(store)]
+    elif kind == "cached":
+        extra = ["--cache", str(stores[0])]
+    elif kind == "cached-replay":
+        extra = ["--cache", str(stores[args.views])]
     else:
         extra = ["--teacher-online", TEACHER_CFG, "--teacher-checkpoint", ckpt]
+        extra += ["--distill", "augmentation=keep"] if kind == "online-aug" else []
+    config = REPLAY_STUDENT_CFG if kind in AUGMENTED else STUDENT_CFG
     for key, value in variant["distill"].items():
         extra += ["--distill", f"{key}={value}"]
     sig = signature(step="student", variant=variant["name"], distill=variant["distill"], seed=seed, epochs=args.epochs,
                     batch=args.batch_size, train=args.train, val=args.val, data_seed=args.data_seed,
-                    upstream=upstream if variant["kind"] != "plain" else None)
+                    upstream=upstream if kind not in ("plain", "plain-aug") else None,
+                    **({"views": args.views} if kind == "cached-replay" else {}))
     name = f"{variant['name']}-seed{seed}"
     return train_run(args, args.out / "runs" / name, args.out / "logs" / f"{name}.log", sig,
-                     ["--student", STUDENT_CFG, *extra, *schedule_options(args, args.epochs, 1, seed, STUDENT_CFG)],
+                     ["--student", config, *extra, *schedule_options(args, args.epochs, 1, seed, config)],
                      args.epochs, f"student {variant['label']}, seed {seed}")
 
 
@@ -307,6 +335,13 @@ def verdicts(agg: dict, runs: dict, extract_seconds: float | None) -> list[str]:
             verdict = "Not shown" if c["se"] > 0 else "Undecided (one seed)"
         lines.append(f"- **Does (b) beat (a)?** {verdict}: cached − plain {diff_text(c, 'mAP')}, "
                      f"{diff_text(c_nds, 'NDS')}; cached wins {c['wins']} of {c['n']} seed-paired runs on mAP.")
+    for a, b, question in (("cached", "cached-replay", "Does replay (d) beat cached CRD without augmentation (b)?"),
+                           ("online-aug", "cached-replay", "(d) ≈ online CRD with augmentation (c+)?"),
+                           ("plain", "plain-aug", "Does augmentation help the plain student (a+ vs a)?")):
+        if a in runs and b in runs and runs[a] and runs[b]:
+            c_map, c_nds = compare(runs[a], runs[b], "mAP"), compare(runs[a], runs[b], "NDS")
+            lines.append(f"- **{question}** {LABELS[b].split()[0]} − {LABELS[a].split()[0]}: {diff_text(c_map, 'mAP')}, "
+                         f"{diff_text(c_nds, 'NDS')}; {c_map['wins']} of {c_map['n']} seed-paired wins on mAP.")
     if "online" in agg and "plain" in agg:
         ratio = agg["online"]["train_seconds_per_epoch"][0] / agg["plain"]["train_seconds_per_epoch"][0]
         lines.append(f"- Online CRD costs {ratio:.2f}x plain training per epoch "
@@ -404,6 +439,15 @@ def report(args, order: list[dict], runs: dict, teacher_rec: dict, extract_rec: 
                   f"{fmt_ms(a['train_seconds_per_epoch'], 0)} | {fmt_ms(a['wall_seconds'], 0)} s |")
     if extract_rec:
         md += ["", f"Extraction (`bevcache extract`, once, {args.train} samples): {extract_rec['seconds']:.0f} s wall clock."]
+    by_views = (extract_rec or {}).get("by_views") or {}
+    if len(by_views) > 1 and 0 in by_views:
+        base = by_views[0]
+        md += ["", f"Extraction cost by K augmented views per sample ({args.train} samples, whole command incl. "
+                   "start-up; pts_neck 512-d float16):", "",
+               "| K | wall clock | × K=0 | store on disk | bytes per sample |", "|---|---|---|---|---|"]
+        for k, rec in sorted(by_views.items(), key=lambda kv: int(kv[0])):
+            md.append(f"| {k} | {rec['seconds']:.1f} s | {rec['seconds'] / base['seconds']:.2f} | "
+                      f"{rec['bytes_on_disk'] / 1024:.0f} KiB | {rec['bytes_on_disk'] / args.train:.0f} |")
     md += ["", "mean ± std over seeds; train s/epoch = mean logged iteration time × iterations per epoch "
                "(validation and start-up excluded); wall clock = the whole `bevcache train` command.", "",
            "## Verdict", "", *lines, ""]
@@ -442,15 +486,25 @@ def main(argv=None) -> None:
         bevcache("synth", str(args.data), "--samples", str(args.train), "--val-samples", str(args.val),
                  "--seed", str(args.data_seed), log_file=args.out / "logs" / "synth.log")
     teacher_rec, ckpt = teacher(args)
-    need_store = any(v["kind"] in ("cached", "online") for v in order)
-    extract_rec, store = extract(args, teacher_rec["signature"], ckpt) if need_store else (None, None)
+    kinds = {v["kind"] for v in order}
+    extract_rec, stores = None, {}
+    if kinds & {"cached", "online", "online-aug"}:
+        extract_rec, stores[0] = extract(args, teacher_rec["signature"], ckpt)
+    # Extraction cost by K: every K extracted back to back under the same conditions.
+    cost = {k: extract(args, teacher_rec["signature"], ckpt, views=k, where=args.out / "views-cost")
+            for k in sorted({int(k) for k in args.views_cost.split(",") if k})}
+    if "cached-replay" in kinds:
+        stores[args.views] = cost[args.views][1] if args.views in cost else \
+            extract(args, teacher_rec["signature"], ckpt, views=args.views)[1]
+    if extract_rec:
+        extract_rec = dict(extract_rec, by_views={k: rec for k, (rec, _) in cost.items()})
     upstream = signature(teacher=teacher_rec["signature"], extract=extract_rec["signature"] if extract_rec else None)
     runs: dict[str, list[dict]] = {v["name"]: [] for v in order}
     # Seed-major order, and a report after every seed: an interrupted recipe still has a report
     # in which every variant has the same seeds.
     for seed in range(args.seeds):
         for v in order:
-            record = student(args, v, seed, upstream, store, ckpt)
+            record = student(args, v, seed, upstream, stores, ckpt)
             runs[v["name"]].append({**record, "seed": seed})
         report(args, order, runs, teacher_rec, extract_rec, seeds_done=seed + 1)
 
