@@ -190,11 +190,26 @@ def find_replay_dataset(dataset: Any) -> ReplayViewsDataset | None:
 
 @HOOKS.register_module()
 class ReplayEpochHook(Hook):
-    """Tell the replay wrapper the epoch before each one, so every epoch draws fresh views."""
+    """Tell the replay wrapper the epoch before each one, so every epoch draws fresh views.
+
+    Iteration-based loops have no epochs: there a "pass" of len(dataloader) iterations counts as
+    one. Batches that loader workers prefetched across a pass boundary keep the previous pass's
+    views; the lookup stays exact because each sample carries its own view id.
+    """
 
     priority = "VERY_HIGH"
 
     def before_train_epoch(self, runner) -> None:
+        self._set(runner, runner.epoch)
+
+    def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
+        from mmengine.runner import EpochBasedTrainLoop
+
+        if not isinstance(runner.train_loop, EpochBasedTrainLoop):
+            self._set(runner, runner.iter // max(len(runner.train_dataloader), 1))
+
+    @staticmethod
+    def _set(runner, epoch: int) -> None:
         replay = find_replay_dataset(runner.train_dataloader.dataset)
-        if replay is not None:
-            replay.set_epoch(runner.epoch)
+        if replay is not None and replay.epoch != epoch:
+            replay.set_epoch(epoch)

@@ -182,6 +182,9 @@ def test_persistent_workers_follow_the_epoch(views_store, data_root):
         hook.before_train_epoch(runner)  # set in the main process, read in the (forked, persistent) workers
         got = [s.metainfo[VIEW_META] for batch in loader for s in batch["data_samples"]]
         assert got == [pick_view(replay.seed, epoch, i, VIEWS) for i in range(len(dataset))]
+    runner.train_loop, runner.iter = object(), 3 * len(loader) + 1  # iteration-based: passes count as epochs
+    hook.before_train_iter(runner, 0)
+    assert replay.epoch == 3
 
 
 def test_cached_replay_training_equals_online_training_on_the_same_augmented_batches(
