@@ -26,8 +26,10 @@ from bevcache.store import LayerSpec, create_store, open_store
 from bevcache.train import TrainOptions, build_train_config
 
 from .conftest import CONFIGS, REPO, bevcache_cmd, tiny_cfg
-from .test_extract import _run_killed
-from .test_extract import teacher_ckpt  # noqa: F401  (module fixture reused)
+from .test_extract import (
+    _run_killed,
+    teacher_ckpt,  # noqa: F401  (module fixture reused)
+)
 from .test_train import run, short_run
 
 TEACHER = str(CONFIGS / "tiny_teacher.py")
@@ -259,3 +261,30 @@ def test_replay_without_views_is_a_clear_error(data_root, teacher_ckpt, tmp_path
                                         teacher_checkpoint=teacher_ckpt))
     with pytest.raises(ConfigError, match="num_views >= 1"):
         ReplayViewsDataset(dataset=[], num_views=0, fingerprint="x")
+
+
+def test_replay_works_inside_cbgs_with_loader_workers(views_store, data_root, tmp_path):
+    from bevcache.runtime import load_config
+
+    dataset = load_config(REPLAY_STUDENT).to_dict()["train_dataloader"]["dataset"]
+    config = tmp_path / "cbgs_student.py"
+    config.write_text(f"_base_ = [{REPLAY_STUDENT!r}]\ntrain_dataloader = dict(dataset=dict(_delete_=True, "
+                      f"type='CBGSDataset', dataset={dataset!r}))\n")
+    cfg = build_train_config(TrainOptions(student=str(config), data_root=str(data_root), cache=views_store))
+    assert cfg.train_dataloader.dataset.type == "CBGSDataset"
+    assert cfg.train_dataloader.dataset.dataset.type == "ReplayViewsDataset"
+    from mmengine.hooks import Hook
+    from mmengine.runner import Runner
+
+    class ViewRecorder(Hook):
+        def __init__(self):
+            self.views = []
+
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+            self.views += [s.metainfo.get(VIEW_META) for s in data_batch["data_samples"]]
+
+    runner = Runner.from_cfg(short_run(cfg, tmp_path / "run", 2, workers=2, batch_size=3))
+    rec = ViewRecorder()
+    runner.register_hook(rec)
+    runner.train()  # the distiller checks every sample's input digest against the store
+    assert len(rec.views) == 6 and set(rec.views) <= {1, 2}  # every sample showed a cached view
