@@ -9,6 +9,7 @@ no two processes ever write the same chunk; rank 0 alone creates the store and f
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -140,6 +141,8 @@ class _BlockWriter:
         self.store = store
         # Fault injection for the crash tests: SIGKILL this process after N durable blocks.
         self.kill_after = int(os.environ.get("BEVCACHE_KILL_AFTER_BLOCKS", 0))
+        if os.environ.get("BEVCACHE_KILL_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
+            self.kill_after = 0  # BEVCACHE_KILL_RANK=r: only rank r dies (torchrun tests)
         self.blocks_written = 0
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
@@ -201,9 +204,14 @@ def _open_or_create(opts: ExtractOptions, settings: dict, *, layers: list[LayerS
             store = open_store(url, mode="r+")
             store.check_matches(dataset=metadata["dataset"], teacher=metadata["teacher"], layers=layers)
         else:
-            store = create_store(url, num_samples=len(tokens), layers=layers, dtype=settings["dtype"],
-                                 tokens=tokens, sample_idx=sample_idx, metadata=metadata,
-                                 chunk_rows=int(settings["chunk_rows"]), overwrite=exists)
+            try:
+                store = create_store(url, num_samples=len(tokens), layers=layers, dtype=settings["dtype"],
+                                     tokens=tokens, sample_idx=sample_idx, metadata=metadata,
+                                     chunk_rows=int(settings["chunk_rows"]), overwrite=exists)
+            except OSError as exc:  # e.g. ENOSPC while writing the empty arrays
+                fix = "free space on that disk" if exc.errno == errno.ENOSPC else "fix that"
+                raise StoreError(f"creating store {url} failed ({exc.strerror or exc}): {fix}, then rerun "
+                                 "with --overwrite (the store was not finished).") from None
     _barrier()
     return store if rank == 0 else open_store(url, mode="r+")
 
@@ -256,6 +264,9 @@ def extract(opts: ExtractOptions) -> dict:
     init_distributed(opts.launcher)
     rank, world = get_dist_info()
     settings = _settings(opts, cfg)
+    from .runtime import check_writable_location
+
+    check_writable_location(settings["out"], "--out")  # before the teacher is built
     device = resolve_device(opts.device)
 
     model = build_teacher(cfg, opts.checkpoint, device)
@@ -265,7 +276,13 @@ def extract(opts: ExtractOptions) -> dict:
 
     # One sample through the teacher tells each layer's pooled width before the store exists.
     _, probe = next(teacher_batches(model, dataset, [[0]], num_workers=0))
-    dims = {k: v.shape[1] for k, v in pooled_teacher_features(model, recorder, probe, settings["pooling"]).items()}
+    probed = pooled_teacher_features(model, recorder, probe, settings["pooling"])
+    broken = [k for k, v in probed.items() if not torch.isfinite(v).all()]
+    if broken:  # a broken checkpoint shows on any sample: refuse before a store exists
+        raise FeatureValueError(f"layer(s) {broken} of the teacher are NaN/Inf for dataset index 0 (the probe "
+                                f"sample): check the teacher checkpoint ({opts.checkpoint}) and that sample; "
+                                f"nothing was written to {settings['out']}.")
+    dims = {k: v.shape[1] for k, v in probed.items()}
     layers = [LayerSpec(name=n, dim=int(dims[n]), pooling=settings["pooling"]) for n in settings["layers"]]
     metadata = {
         "bevcache_version": __version__,
@@ -320,7 +337,9 @@ def _run(opts, settings, model, dataset, recorder, *, layers, tokens, sample_idx
                 if bad.any():
                     raise FeatureValueError(
                         f"layer {name!r} is NaN/Inf for dataset index {indices[int(np.argmax(bad))]}: "
-                        "the teacher checkpoint or input is broken; nothing of this block was written."
+                        "the teacher checkpoint or that sample's input is broken; nothing of this block was "
+                        "written (earlier blocks are kept): fix the input and rerun with --resume, or fix the "
+                        "checkpoint and rerun with --overwrite."
                     )
                 pending[name].append(value)
             if indices[-1] + 1 == block_of[block_start][1]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -64,6 +65,32 @@ def load_config(path: str | os.PathLike, cfg_options: tuple[str, ...] | list[str
     if "model" not in cfg:
         raise ConfigError(f"config {path} has no `model` section; pass an mmdet3d detector config.")
     return cfg
+
+
+def check_writable_location(path: str | os.PathLike, option: str) -> None:
+    """Refuse a local output path that cannot be created or written (before any heavy work).
+
+    The nearest existing ancestor must be a directory in which a file can really be created: this
+    also holds as root, for whom permission bits do not stop writes but a file, /proc or a
+    read-only mount do. Remote URLs (s3://...) are not checked here.
+    """
+    text = str(path)
+    if "://" in text and not text.startswith("file://"):
+        return
+    target = Path(text.removeprefix("file://")).absolute()
+    probe = target
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"{option} {text} cannot be created: {probe} is a file, not a directory; "
+                          f"choose another {option}.")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".bevcache-write-test-", dir=probe)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        raise ConfigError(f"{option} {text} is not writable ({exc.strerror} in {probe}): choose a writable "
+                          f"{option} or fix the permissions.") from None
 
 
 def resolve_device(device: str | None = None) -> torch.device:

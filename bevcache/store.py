@@ -29,6 +29,7 @@ may call `create_store` and `set_attrs`.
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import json
 import os
@@ -444,9 +445,12 @@ class FeatureStore:
                 self._array(self._feature_path(name))[start:stop] = value
             mask_arr[start:stop] = 1
         except Exception as exc:
+            full = any(getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) for e in (exc, exc.__cause__, exc.__context__))
             raise StoreError(
                 f"writing rows {start}-{stop - 1} of store {self.url} failed ({_why(exc)}): "
-                "those rows stay marked not written; run `bevcache extract --resume` again."
+                + ("the disk is full: free space there, then run the same `bevcache extract` with --resume "
+                   "(finished rows are kept)." if full else
+                   "those rows stay marked not written; run `bevcache extract --resume` again.")
             ) from exc
 
     def reset_blocks(self, blocks: list[tuple[int, int]]) -> None:
