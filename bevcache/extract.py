@@ -224,6 +224,8 @@ def _raise_interrupt(*_: object) -> None:
 def _exclusive_writer(url: str):
     """Refuse a second `extract` on the same local store (an advisory lock beside it, freed on exit or crash)."""
     if "://" in url and not url.startswith("file://"):
+        log.warning("%s is a remote store: it is not locked against a second writer; run one "
+                    "`bevcache extract` per store at a time", url)
         yield  # remote stores: no portable lock; one writer job per store is the user's contract
         return
     path = Path(url.removeprefix("file://").rstrip("/") + ".lock")

@@ -76,6 +76,7 @@ def check_writable_location(path: str | os.PathLike, option: str) -> None:
     """
     text = str(path)
     if "://" in text and not text.startswith("file://"):
+        _check_remote_location(text, option)
         return
     target = Path(text.removeprefix("file://")).absolute()
     probe = target
@@ -89,8 +90,28 @@ def check_writable_location(path: str | os.PathLike, option: str) -> None:
         os.close(fd)
         os.unlink(name)
     except OSError as exc:
-        raise ConfigError(f"{option} {text} is not writable ({exc.strerror} in {probe}): choose a writable "
+        raise ConfigError(f"{option} {text} is not writable: cannot create a file in {probe} ({exc.strerror}); choose a writable "
                           f"{option} or fix the permissions.") from None
+
+
+def _check_remote_location(url: str, option: str) -> None:
+    """The bucket (first path part) of an fsspec URL must be reachable with the environment's settings."""
+    import fsspec
+
+    try:
+        fs, root = fsspec.url_to_fs(url)
+        bucket = root.split("/")[0]
+        found = fs.exists(bucket)
+    except ImportError as exc:
+        raise ConfigError(f"{option} {url} needs an fsspec backend that is not installed ({exc}); for s3:// "
+                          "install bevcache[s3] (s3fs).") from None
+    except Exception as exc:  # botocore/aiohttp errors: endpoint down, bad credentials, ...
+        text = f"{type(exc).__name__}: {exc}"
+        raise ConfigError(f"{option} {url} is unreachable ({text[:200]}); check the endpoint (AWS_ENDPOINT_URL) "
+                          "and credentials (AWS_* environment or ~/.aws).") from None
+    if not found:
+        raise ConfigError(f"{option} {url}: bucket {bucket!r} does not exist or these credentials cannot see it; "
+                          "create it, or fix the endpoint/credentials (AWS_* environment or ~/.aws).")
 
 
 def resolve_device(device: str | None = None) -> torch.device:
