@@ -99,7 +99,7 @@ def _check_remote_location(url: str, option: str) -> None:
     import fsspec
 
     try:
-        fs, root = fsspec.url_to_fs(url)
+        fs, root = fsspec.url_to_fs(url, use_listings_cache=False)
         bucket = root.split("/")[0]
         found = fs.exists(bucket)
     except ImportError as exc:

@@ -69,6 +69,7 @@ def assert_one_line_error(result, *needles: str) -> str:
     assert len(lines) == 1, output[-3000:]
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
+    print(f"[{code}] {lines[0]}")  # shown with -s: the message a user sees
     return lines[0]
 
 
@@ -478,6 +479,7 @@ def test_a_dying_rank_fails_torchrun_extraction_within_bounds_and_resume_complet
     elapsed = time.time() - start
     assert result.returncode != 0, result.stderr[-3000:]
     assert re.search(r"rank\s*:?\s*1", result.stderr) and "SIGKILL" in result.stderr, result.stderr[-3000:]
+    assert "--resume" in "".join(error_lines(result.stderr)), result.stderr[-3000:]  # rank 0, torn down
     assert elapsed < 120
     store = open_store(str(out))
     assert 0 < store.complete_mask().sum() < 12
