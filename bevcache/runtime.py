@@ -135,9 +135,14 @@ def init_distributed(launcher: str) -> None:
         return
     if launcher != "pytorch":
         raise ConfigError(f"launcher must be one of ['none', 'pytorch']. Got {launcher!r}.")
+    # A collective (barrier, all_reduce) waits at most this long for a stuck peer, then fails. A
+    # peer that dies is noticed sooner: torchrun then stops the other ranks.
+    from datetime import timedelta
+
+    seconds = int(os.environ.get("BEVCACHE_DIST_TIMEOUT_S", 1800))
     if torch.cuda.is_available():
         from mmengine.dist import init_dist
 
-        init_dist(launcher, backend="nccl")
+        init_dist(launcher, backend="nccl", timeout=seconds)  # mmengine takes seconds
     else:
-        dist.init_process_group(backend="gloo")
+        dist.init_process_group(backend="gloo", timeout=timedelta(seconds=seconds))

@@ -487,3 +487,15 @@ def test_a_dying_rank_fails_torchrun_extraction_within_bounds_and_resume_complet
     resumed = cli(*_extract_args(data_root, teacher_ckpt, out, "--resume"))
     assert resumed.exit_code == 0, resumed.output[-3000:]
     assert_same_tables(str(out), neck_store)
+
+
+@pytest.mark.slow
+def test_a_stalled_rank_makes_the_barrier_fail_after_bevcache_dist_timeout(tmp_path):
+    script = Path(__file__).with_name("dist_timeout_script.py")
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "BEVCACHE_DIST_TIMEOUT_S": "5", "STALL_S": "60"}
+    start = time.time()
+    result = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(29800 + os.getpid() % 100),
+                             str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "rank 0 barrier failed" in result.stdout, result.stdout + result.stderr[-3000:]
+    assert time.time() - start < 45  # not the stalled rank's 60 s, nor gloo's default 30 min
