@@ -9,6 +9,7 @@ import pickle
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -54,6 +55,12 @@ randomness = dict(seed=7, deterministic=False)
 def cli(*args: str):
     """The real click command in this process (monkeypatches apply); output holds stdout and stderr."""
     return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def error_lines(text: str) -> list[str]:
@@ -214,6 +221,45 @@ def test_kill_9_during_training_resumes_with_intact_banks_and_ends_as_an_uninter
     assert set(final) == set(expected)
     for key, value in expected.items():
         torch.testing.assert_close(final[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_an_interrupt_mid_epoch_checkpoints_and_the_resumed_run_replays_that_epoch(store, data_root, tmp_path):
+    """The CLI's default loop is epoch-based: the signal path in-process, on the real handler."""
+    from mmengine.hooks import Hook
+    from mmengine.runner import Runner
+
+    from bevcache.guard import TrainingInterrupted, interruptible, run_guarded
+
+    def epoch_cfg(**kw):
+        cfg = build_train_config(TrainOptions(student=STUDENT, cache=store, data_root=str(data_root),
+                                              work_dir=str(tmp_path), **kw))
+        cfg.train_cfg = dict(type="EpochBasedTrainLoop", max_epochs=1, val_interval=10)
+        cfg.val_dataloader = cfg.val_cfg = cfg.val_evaluator = None
+        cfg.test_dataloader = cfg.test_cfg = cfg.test_evaluator = None
+        cfg.train_dataloader.update(batch_size=2, num_workers=0, persistent_workers=False)
+        cfg.default_hooks.checkpoint = dict(type="CheckpointHook", interval=1)
+        cfg.default_hooks.visualization = dict(type="Det3DVisualizationHook")
+        return cfg
+
+    class CtrlC(Hook):  # the user presses Ctrl-C during iteration 3 of 6
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+            if runner.iter == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    with interruptible() as state, pytest.raises(TrainingInterrupted) as info:
+        runner = Runner.from_cfg(epoch_cfg())
+        runner.register_hook(CtrlC())
+        run_guarded(runner, state)
+    message = str(info.value)
+    assert "interrupted by SIGINT at iteration 3" in message and "replays epoch 1" in message
+    meta = torch.load(tmp_path / "iter_3.pth", map_location="cpu", weights_only=False)["meta"]
+    assert (meta["epoch"], meta["iter"]) == (0, 3)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+    resumed = Runner.from_cfg(epoch_cfg(resume="auto"))
+    resumed.train()
+    assert (resumed.epoch, resumed.iter) == (1, 3 + 6)
+    assert (tmp_path / "epoch_1.pth").is_file()
 
 
 def test_a_checkpoint_of_other_crd_widths_is_refused_on_resume(iter_student, store, data_root, tmp_path):
@@ -472,7 +518,7 @@ def test_a_dying_rank_fails_torchrun_extraction_within_bounds_and_resume_complet
     args = _extract_args(data_root, teacher_ckpt, out)
     torchrun = str(Path(sys.executable).parent / "torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "BEVCACHE_KILL_AFTER_BLOCKS": "1", "BEVCACHE_KILL_RANK": "1"}
-    cmd = [torchrun, "--nproc-per-node", "2", "--master-port", str(29700 + os.getpid() % 1000), "-m", "bevcache.cli",
+    cmd = [torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "bevcache.cli",
            *args, "--launcher", "pytorch"]
     start = time.time()
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
@@ -495,7 +541,7 @@ def test_a_stalled_rank_makes_the_barrier_fail_after_bevcache_dist_timeout(tmp_p
     torchrun = str(Path(sys.executable).parent / "torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "BEVCACHE_DIST_TIMEOUT_S": "5", "STALL_S": "60"}
     start = time.time()
-    result = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(29800 + os.getpid() % 100),
+    result = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()),
                              str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "rank 0 barrier failed" in result.stdout, result.stdout + result.stderr[-3000:]
     assert time.time() - start < 45  # not the stalled rank's 60 s, nor gloo's default 30 min
