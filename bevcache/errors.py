@@ -36,4 +36,4 @@ def os_error_text(exc: OSError) -> str:
         return f"{what}{where}: free space (or raise the quota) on that disk, then rerun the command with --resume."
     if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return f"{what}{where}: choose a writable location (--out / --work-dir) or fix its permissions."
-    return f"{what}{where}."
+    return f"{what}{where}: check that path, then rerun the command."

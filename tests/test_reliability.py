@@ -262,6 +262,41 @@ def test_an_interrupt_mid_epoch_checkpoints_and_the_resumed_run_replays_that_epo
     assert (tmp_path / "epoch_1.pth").is_file()
 
 
+def test_a_second_signal_stops_at_once_and_names_the_last_checkpoint(iter_student, store, data_root, tmp_path):
+    from mmengine.hooks import Hook
+    from mmengine.runner import Runner
+
+    from bevcache.guard import TrainingInterrupted, interruptible, run_guarded
+
+    class CtrlCTwice(Hook):  # an impatient user during iteration 3 (iter_2.pth exists)
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+            if runner.iter == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGINT)
+
+    opts = TrainOptions(student=iter_student, cache=store, data_root=str(data_root), work_dir=str(tmp_path))
+    with interruptible() as state, pytest.raises(TrainingInterrupted) as info:
+        runner = Runner.from_cfg(build_train_config(opts))
+        runner.register_hook(CtrlCTwice(), priority="HIGHEST")
+        run_guarded(runner, state)
+    assert "before a checkpoint could be saved" in str(info.value)
+    assert f"the last checkpoint is {tmp_path / 'iter_2.pth'}" in str(info.value) and "--resume" in str(info.value)
+    assert not (tmp_path / "iter_3.pth").exists()
+
+
+def test_ctrl_c_outside_a_training_loop_and_stray_os_errors_are_one_line(tmp_path, monkeypatch):
+    def pressed(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("bevcache.extract.load_config", pressed)
+    result = cli("extract", "--config", TEACHER, "--out", tmp_path / "x.zarr")
+    assert result.exit_code == 130 and "Traceback" not in result.output
+    assert len(error_lines(result.output)) == 1 and "interrupted" in result.output
+    ckpt = tmp_path / "run.pth"
+    torch.save({"state_dict": {"student.w": torch.zeros(1)}}, ckpt)
+    assert_one_line_error(cli("export-student", ckpt, "/proc/bevcache-test/student.pth"), "/proc/bevcache-test")
+
+
 def test_a_checkpoint_of_other_crd_widths_is_refused_on_resume(iter_student, store, data_root, tmp_path):
     work = tmp_path / "work"
     first = cli(*_train_args(iter_student, store, data_root, work, "--cfg-options", "train_cfg.max_iters=2"))
