@@ -187,14 +187,16 @@ def test_kill_9_during_training_resumes_with_intact_banks_and_ends_as_an_uninter
     from bevcache.guard import last_checkpoint
 
     def opts(work, **kw):
-        return TrainOptions(student=iter_student, cache=store, data_root=str(data_root), work_dir=str(work), **kw)
+        return TrainOptions(student=iter_student, cache=store, data_root=str(data_root), work_dir=str(work),
+                            cfg_options=["train_cfg.max_iters=6"], **kw)
 
     full = Runner.from_cfg(build_train_config(opts(tmp_path / "full")))
     full.train()
     expected = {k: v.clone() for k, v in full.model.state_dict().items()}
 
     work = tmp_path / "killed"
-    proc = subprocess.Popen(bevcache_cmd(*_train_args(iter_student, store, data_root, work)), cwd=REPO,
+    proc = subprocess.Popen(bevcache_cmd(*_train_args(iter_student, store, data_root, work, "--cfg-options",
+                                                      "train_cfg.max_iters=6")), cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _wait_for(lambda: _checkpointed(work), proc)
     proc.kill()
@@ -202,7 +204,7 @@ def test_kill_9_during_training_resumes_with_intact_banks_and_ends_as_an_uninter
     assert proc.returncode == -signal.SIGKILL
     ckpt = last_checkpoint(work)
     saved = torch.load(ckpt, map_location="cpu", weights_only=False)
-    assert saved["meta"]["iter"] < 8
+    assert saved["meta"]["iter"] < 6
 
     class AfterLoad(Hook):  # what the model holds once mmengine has resumed, before any step
         def before_train(self, runner):
@@ -236,14 +238,14 @@ def test_an_interrupt_mid_epoch_checkpoints_and_the_resumed_run_replays_that_epo
         cfg.train_cfg = dict(type="EpochBasedTrainLoop", max_epochs=1, val_interval=10)
         cfg.val_dataloader = cfg.val_cfg = cfg.val_evaluator = None
         cfg.test_dataloader = cfg.test_cfg = cfg.test_evaluator = None
-        cfg.train_dataloader.update(batch_size=2, num_workers=0, persistent_workers=False)
+        cfg.train_dataloader.update(batch_size=4, num_workers=0, persistent_workers=False)  # 3 iterations
         cfg.default_hooks.checkpoint = dict(type="CheckpointHook", interval=1)
         cfg.default_hooks.visualization = dict(type="Det3DVisualizationHook")
         return cfg
 
-    class CtrlC(Hook):  # the user presses Ctrl-C during iteration 3 of 6
+    class CtrlC(Hook):  # the user presses Ctrl-C during iteration 2 of 3
         def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
-            if runner.iter == 2:
+            if runner.iter == 1:
                 os.kill(os.getpid(), signal.SIGINT)
 
     with interruptible() as state, pytest.raises(TrainingInterrupted) as info:
@@ -251,14 +253,14 @@ def test_an_interrupt_mid_epoch_checkpoints_and_the_resumed_run_replays_that_epo
         runner.register_hook(CtrlC())
         run_guarded(runner, state)
     message = str(info.value)
-    assert "interrupted by SIGINT at iteration 3" in message and "replays epoch 1" in message
-    meta = torch.load(tmp_path / "iter_3.pth", map_location="cpu", weights_only=False)["meta"]
-    assert (meta["epoch"], meta["iter"]) == (0, 3)
+    assert "interrupted by SIGINT at iteration 2" in message and "replays epoch 1" in message
+    meta = torch.load(tmp_path / "iter_2.pth", map_location="cpu", weights_only=False)["meta"]
+    assert (meta["epoch"], meta["iter"]) == (0, 2)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
 
     resumed = Runner.from_cfg(epoch_cfg(resume="auto"))
     resumed.train()
-    assert (resumed.epoch, resumed.iter) == (1, 3 + 6)
+    assert (resumed.epoch, resumed.iter) == (1, 2 + 3)
     assert (tmp_path / "epoch_1.pth").is_file()
 
 
