@@ -33,7 +33,8 @@ def os_error_text(exc: OSError) -> str:
     where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
     what = exc.strerror or str(exc)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"{what}{where}: free space (or raise the quota) on that disk, then rerun the command with --resume."
+        return (f"{what}{where}: free space (or raise the quota) on that disk, then rerun the command with "
+                "--resume (it says when a store must be re-created with --overwrite instead).")
     if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return f"{what}{where}: choose a writable location (--out / --work-dir) or fix its permissions."
     return f"{what}{where}: check that path, then rerun the command."

@@ -9,7 +9,6 @@ no two processes ever write the same chunk; rank 0 alone creates the store and f
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import json
@@ -204,14 +203,9 @@ def _open_or_create(opts: ExtractOptions, settings: dict, *, layers: list[LayerS
             store = open_store(url, mode="r+")
             store.check_matches(dataset=metadata["dataset"], teacher=metadata["teacher"], layers=layers)
         else:
-            try:
-                store = create_store(url, num_samples=len(tokens), layers=layers, dtype=settings["dtype"],
-                                     tokens=tokens, sample_idx=sample_idx, metadata=metadata,
-                                     chunk_rows=int(settings["chunk_rows"]), overwrite=exists)
-            except OSError as exc:  # e.g. ENOSPC while writing the empty arrays
-                fix = "free space on that disk" if exc.errno == errno.ENOSPC else "fix that"
-                raise StoreError(f"creating store {url} failed ({exc.strerror or exc}): {fix}, then rerun "
-                                 "with --overwrite (the store was not finished).") from None
+            store = create_store(url, num_samples=len(tokens), layers=layers, dtype=settings["dtype"],
+                                 tokens=tokens, sample_idx=sample_idx, metadata=metadata,
+                                 chunk_rows=int(settings["chunk_rows"]), overwrite=exists)
     _barrier()
     return store if rank == 0 else open_store(url, mode="r+")
 
@@ -339,9 +333,7 @@ def _run(opts, settings, model, dataset, recorder, *, layers, tokens, sample_idx
                 if bad.any():
                     raise FeatureValueError(
                         f"layer {name!r} is NaN/Inf for dataset index {indices[int(np.argmax(bad))]}: "
-                        "the teacher checkpoint or that sample's input is broken; nothing of this block was "
-                        "written (earlier blocks are kept): fix the input and rerun with --resume, or fix the "
-                        "checkpoint and rerun with --overwrite."
+                        "the teacher checkpoint or input is broken; nothing of this block was written."
                     )
                 pending[name].append(value)
             if indices[-1] + 1 == block_of[block_start][1]:

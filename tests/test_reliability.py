@@ -313,20 +313,22 @@ def test_a_checkpoint_of_other_crd_widths_is_refused_on_resume(iter_student, sto
 # 2. Disk full during extraction
 
 
-def _disk_full_after(monkeypatch, feature_chunks_ok: int | None) -> None:
-    """LocalStore.set raises ENOSPC for every write after `feature_chunks_ok` feature chunks (None: at once)."""
+def _disk_full_after(monkeypatch, *, feature_chunks_ok: int | None = None, writes_ok: int = 0) -> None:
+    """LocalStore.set raises ENOSPC once `feature_chunks_ok` feature chunks were written (other keys
+    pass), or, with feature_chunks_ok=None, after the first `writes_ok` writes of any key."""
     from zarr.storage import LocalStore
 
     real_set = LocalStore.set
-    seen = {"n": 0}
+    seen = {"features": 0, "any": 0}
 
     async def full_set(self, key, value, *args, **kwargs):
         if feature_chunks_ok is not None:
-            if not (key.startswith("features/") and "/c/" in key):
+            if not (key.startswith("features/") and "/c/" in key) or seen["features"] < feature_chunks_ok:
+                seen["features"] += key.startswith("features/") and "/c/" in key
                 return await real_set(self, key, value, *args, **kwargs)
-            if seen["n"] < feature_chunks_ok:
-                seen["n"] += 1
-                return await real_set(self, key, value, *args, **kwargs)
+        elif seen["any"] < writes_ok:
+            seen["any"] += 1
+            return await real_set(self, key, value, *args, **kwargs)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), key)
 
     monkeypatch.setattr(LocalStore, "set", full_set)
@@ -350,12 +352,18 @@ def test_disk_full_mid_extraction_keeps_finished_blocks_and_resume_completes(
     assert_same_tables(str(out), neck_store)
 
 
-def test_disk_full_while_creating_the_store_is_one_line(data_root, teacher_ckpt, tmp_path, monkeypatch):  # noqa: F811
+def test_disk_full_while_creating_the_store_is_one_line_and_the_next_step_is_named(
+        data_root, teacher_ckpt, neck_store, tmp_path, monkeypatch):  # noqa: F811
     out = tmp_path / "full.zarr"
-    _disk_full_after(monkeypatch, feature_chunks_ok=None)
-    result = cli(*_extract_args(data_root, teacher_ckpt, out))
-    assert_one_line_error(result, f"creating store {out} failed", "No space left on device", "free space",
-                          "--overwrite")
+    _disk_full_after(monkeypatch, writes_ok=1)  # the group's zarr.json lands, its arrays do not
+    assert_one_line_error(cli(*_extract_args(data_root, teacher_ckpt, out)), "No space left on device", "free space",
+                          "--resume")
+    monkeypatch.undo()
+    assert (out / "zarr.json").is_file()
+    assert_one_line_error(cli(*_extract_args(data_root, teacher_ckpt, out, "--resume")), str(out),
+                          "never finished being created", "--overwrite")
+    assert cli(*_extract_args(data_root, teacher_ckpt, out, "--overwrite")).exit_code == 0
+    assert_same_tables(str(out), neck_store)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,7 +506,7 @@ def test_nan_from_one_sample_names_it_and_leaves_the_store_resumable(
 
     monkeypatch.setattr(extract_module, "pooled_teacher_features", poisoned)
     out = tmp_path / "nan.zarr"
-    assert_one_line_error(cli(*_extract_args(data_root, teacher_ckpt, out)), "NaN/Inf", "dataset index 5", "--resume")
+    assert_one_line_error(cli(*_extract_args(data_root, teacher_ckpt, out)), "NaN/Inf", "dataset index 5")
     monkeypatch.undo()
     store = open_store(str(out))
     assert store.complete_mask().tolist() == [True] * 4 + [False] * 8
