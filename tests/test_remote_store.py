@@ -120,3 +120,15 @@ def test_an_unreachable_endpoint_is_one_line(s3, data_root, teacher_ckpt):  # no
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1, result.stderr
     no_secret(result.stdout, result.stderr)
+
+
+def test_the_s3_stack_is_pinned_and_declared():
+    from .test_setup import _pins
+
+    pins = _pins()
+    for name in ("s3fs", "moto", "aiobotocore", "botocore", "boto3", "fsspec"):
+        assert name in pins, name
+    assert pins["s3fs"] == pins["fsspec"]  # s3fs releases pin their fsspec exactly
+    text = (REPO / "pyproject.toml").read_text()
+    assert 's3 = ["s3fs"]' in text and '"moto[server]"' in text
+    assert '"moto[server]"' in (REPO / "scripts" / "setup.sh").read_text()
