@@ -10,7 +10,7 @@ import sys
 import click
 
 from . import __version__
-from .errors import BevcacheError
+from .errors import BevcacheError, os_error_text
 
 
 def _friendly(fn):
@@ -22,6 +22,13 @@ def _friendly(fn):
             return fn(*args, **kwargs)
         except BevcacheError as exc:
             click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted; run the command again (extract and train: with --resume "
+                       "to keep what was finished).", err=True)
+            sys.exit(130)
+        except OSError as exc:  # disk full, read-only or forbidden paths outside bevcache's own checks
+            click.echo(f"error: {os_error_text(exc)}", err=True)
             sys.exit(1)
 
     return wrapper

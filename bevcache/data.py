@@ -77,6 +77,11 @@ def build_base_dataset(cfg: Any, split: str = "train", *, pipeline: list | None 
         dataset = DATASETS.build(ds_cfg)
     except FileNotFoundError as exc:
         raise ConfigError(f"cannot build the {split} dataset: {exc}. Check data_root/ann_file.") from None
+    except Exception as exc:  # mmengine fails serialising an empty info list with a bare ValueError
+        why = ("it has no samples (empty data_list in the info file)" if "at least one array" in str(exc)
+               else f"{type(exc).__name__}: {str(exc)[:300]}")
+        raise ConfigError(f"cannot build the {split} dataset ({ds_cfg.get('ann_file')}): {why}. "
+                          "Check data_root/ann_file.") from None
     if len(dataset) == 0:
         raise ConfigError(f"the {split} dataset ({ds_cfg.get('ann_file')}) is empty after filtering.")
     return dataset

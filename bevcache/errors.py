@@ -24,3 +24,17 @@ class StoreMismatch(StoreError):
 
 class FeatureValueError(BevcacheError):
     """A teacher produced NaN/Inf; the sample index is named so nothing garbage is cached."""
+
+
+def os_error_text(exc: OSError) -> str:
+    """One line for an OSError the user can act on (disk full, read-only or forbidden path, ...)."""
+    import errno
+
+    where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+    what = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"{what}{where}: free space (or raise the quota) on that disk, then rerun the command with "
+                "--resume (it says when a store must be re-created with --overwrite instead).")
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"{what}{where}: choose a writable location (--out / --work-dir) or fix its permissions."
+    return f"{what}{where}: check that path, then rerun the command."

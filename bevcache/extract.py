@@ -214,6 +214,8 @@ class _BlockWriter:
         self.store = store
         # Fault injection for the crash tests: SIGKILL this process after N durable blocks.
         self.kill_after = int(os.environ.get("BEVCACHE_KILL_AFTER_BLOCKS", 0))
+        if os.environ.get("BEVCACHE_KILL_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
+            self.kill_after = 0  # BEVCACHE_KILL_RANK=r: only rank r dies (torchrun tests)
         self.blocks_written = 0
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
@@ -308,6 +310,8 @@ def _raise_interrupt(*_: object) -> None:
 def _exclusive_writer(url: str):
     """Refuse a second `extract` on the same local store (an advisory lock beside it, freed on exit or crash)."""
     if "://" in url and not url.startswith("file://"):
+        log.warning("%s is a remote store: it is not locked against a second writer; run one "
+                    "`bevcache extract` per store at a time", url)
         yield  # remote stores: no portable lock; one writer job per store is the user's contract
         return
     path = Path(url.removeprefix("file://").rstrip("/") + ".lock")
@@ -348,6 +352,9 @@ def extract(opts: ExtractOptions) -> dict:
     init_distributed(opts.launcher)
     rank, world = get_dist_info()
     settings = _settings(opts, cfg)
+    from .runtime import check_writable_location
+
+    check_writable_location(settings["out"], "--out")  # before the teacher is built
     device = resolve_device(opts.device)
 
     model = build_teacher(cfg, opts.checkpoint, device)
@@ -361,7 +368,13 @@ def extract(opts: ExtractOptions) -> dict:
 
     # One sample through the teacher tells each layer's pooled width before the store exists.
     _, probe = next(teacher_batches(model, dataset, [[0]], num_workers=0))
-    dims = {k: v.shape[1] for k, v in pooled_teacher_features(model, recorder, probe, settings["pooling"]).items()}
+    probed = pooled_teacher_features(model, recorder, probe, settings["pooling"])
+    broken = [k for k, v in probed.items() if not torch.isfinite(v).all()]
+    if broken:  # a broken checkpoint shows on any sample: refuse before a store exists
+        raise FeatureValueError(f"layer(s) {broken} of the teacher are NaN/Inf for dataset index 0 (the probe "
+                                f"sample): check the teacher checkpoint ({opts.checkpoint}) and that sample; "
+                                f"nothing was written to {settings['out']}.")
+    dims = {k: v.shape[1] for k, v in probed.items()}
     layers = [LayerSpec(name=n, dim=int(dims[n]), pooling=settings["pooling"]) for n in settings["layers"]]
     metadata = {
         "bevcache_version": __version__,

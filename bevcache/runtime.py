@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -67,6 +68,53 @@ def load_config(path: str | os.PathLike, cfg_options: tuple[str, ...] | list[str
     return cfg
 
 
+def check_writable_location(path: str | os.PathLike, option: str) -> None:
+    """Refuse a local output path that cannot be created or written (before any heavy work).
+
+    The nearest existing ancestor must be a directory in which a file can really be created: this
+    also holds as root, for whom permission bits do not stop writes but a file, /proc or a
+    read-only mount do. Remote URLs (s3://...) are not checked here.
+    """
+    text = str(path)
+    if "://" in text and not text.startswith("file://"):
+        _check_remote_location(text, option)
+        return
+    target = Path(text.removeprefix("file://")).absolute()
+    probe = target
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"{option} {text} cannot be created: {probe} is a file, not a directory; "
+                          f"choose another {option}.")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".bevcache-write-test-", dir=probe)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        raise ConfigError(f"{option} {text} is not writable: cannot create a file in {probe} ({exc.strerror}); choose a writable "
+                          f"{option} or fix the permissions.") from None
+
+
+def _check_remote_location(url: str, option: str) -> None:
+    """The bucket (first path part) of an fsspec URL must be reachable with the environment's settings."""
+    import fsspec
+
+    try:
+        fs, root = fsspec.url_to_fs(url, use_listings_cache=False)
+        bucket = root.split("/")[0]
+        found = fs.exists(bucket)
+    except ImportError as exc:
+        raise ConfigError(f"{option} {url} needs an fsspec backend that is not installed ({exc}); for s3:// "
+                          "install bevcache[s3] (s3fs).") from None
+    except Exception as exc:  # botocore/aiohttp errors: endpoint down, bad credentials, ...
+        text = f"{type(exc).__name__}: {exc}"
+        raise ConfigError(f"{option} {url} is unreachable ({text[:200]}); check the endpoint (AWS_ENDPOINT_URL) "
+                          "and credentials (AWS_* environment or ~/.aws).") from None
+    if not found:
+        raise ConfigError(f"{option} {url}: bucket {bucket!r} does not exist or these credentials cannot see it; "
+                          "create it, or fix the endpoint/credentials (AWS_* environment or ~/.aws).")
+
+
 def resolve_device(device: str | None = None) -> torch.device:
     """`device` if given, else this rank's CUDA device when there is one, else CPU."""
     if device:
@@ -88,9 +136,14 @@ def init_distributed(launcher: str) -> None:
         return
     if launcher != "pytorch":
         raise ConfigError(f"launcher must be one of ['none', 'pytorch']. Got {launcher!r}.")
+    # A collective (barrier, all_reduce) waits at most this long for a stuck peer, then fails. A
+    # peer that dies is noticed sooner: torchrun then stops the other ranks.
+    from datetime import timedelta
+
+    seconds = int(os.environ.get("BEVCACHE_DIST_TIMEOUT_S", 1800))
     if torch.cuda.is_available():
         from mmengine.dist import init_dist
 
-        init_dist(launcher, backend="nccl")
+        init_dist(launcher, backend="nccl", timeout=seconds)  # mmengine takes seconds
     else:
-        dist.init_process_group(backend="gloo")
+        dist.init_process_group(backend="gloo", timeout=timedelta(seconds=seconds))

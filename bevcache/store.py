@@ -31,6 +31,7 @@ may call `create_store` and `set_attrs`.
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import json
 import os
@@ -112,7 +113,10 @@ def _local_root(url: str) -> Path:
 
 def _make_store(url: str, *, read_only: bool, storage_options: dict | None) -> zarr.abc.store.Store:
     if _is_remote(url):
-        return FsspecStore.from_url(url, storage_options=storage_options or {}, read_only=read_only)
+        # Other processes (torchrun ranks, a resumed run) write while this one reads: a cached
+        # listing would hide their chunks (s3fs then reads them as missing, i.e. not written).
+        options = {"use_listings_cache": False, **(storage_options or {})}
+        return FsspecStore.from_url(url, storage_options=options, read_only=read_only)
     return LocalStore(_local_root(url), read_only=read_only)
 
 
@@ -134,9 +138,17 @@ def _has_group_doc(url: str, storage_options: dict | None) -> bool:
 
 def _open_group(url: str, *, mode: str, storage_options: dict | None) -> zarr.Group:
     """The zarr group at url, or a StoreError saying what is there instead."""
-    if not _holds_anything(url, storage_options):
+    try:
+        holds = _holds_anything(url, storage_options)
+        has_doc = holds and _has_group_doc(url, storage_options)
+    except Exception as exc:  # remote: endpoint down, no such bucket, bad credentials, ...
+        if not _is_remote(url):
+            raise
+        raise StoreError(f"cannot reach store {url} ({_why(exc)}): check the endpoint (e.g. AWS_ENDPOINT_URL) "
+                         "and the credentials (AWS_* environment or ~/.aws).") from None
+    if not holds:
         raise StoreError(f"no bevcache store at URL: {url}; run `bevcache extract` first.")
-    if not _has_group_doc(url, storage_options):
+    if not has_doc:
         raise StoreError(
             f"{url} holds no zarr v3 group (no zarr.json), so it is no bevcache store: point to the "
             "store `bevcache extract` wrote, or run it with another --out."
@@ -464,9 +476,12 @@ class FeatureStore:
                 self._array(path)[start:stop] = value
             mask_arr[start:stop] = 1
         except Exception as exc:
+            full = any(getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) for e in (exc, exc.__cause__, exc.__context__))
             raise StoreError(
                 f"writing rows {start}-{stop - 1} of store {self.url} failed ({_why(exc)}): "
-                "those rows stay marked not written; run `bevcache extract --resume` again."
+                + ("the disk is full: free space there, then run the same `bevcache extract` with --resume "
+                   "(finished rows are kept)." if full else
+                   "those rows stay marked not written; run `bevcache extract --resume` again.")
             ) from exc
 
     def _checked(self, layer: str, start: int, value: Any, shape: tuple[int, ...]) -> np.ndarray:

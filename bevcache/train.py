@@ -99,6 +99,12 @@ def build_train_config(opts: TrainOptions):
     if opts.data_root:
         set_data_root(cfg, opts.data_root)
     cfg.work_dir = opts.work_dir or cfg.get("work_dir") or f"work_dirs/{Path(opts.student).stem}"
+    from .runtime import check_writable_location
+
+    check_writable_location(cfg.work_dir, "--work-dir")  # before the store or any model is touched
+    if opts.resume not in (None, "auto") and not Path(opts.resume).is_file():
+        raise ConfigError(f"--resume {opts.resume}: no such checkpoint; pass an existing .pth or --resume alone "
+                          "for the work dir's last checkpoint.")
     cfg.launcher = opts.launcher
     if opts.launcher != "none" and not torch.cuda.is_available():
         init_distributed(opts.launcher)  # gloo; the Runner reuses the group
@@ -233,9 +239,12 @@ def train(opts: TrainOptions):
     """Build the config, run mmengine's Runner, export the student weights; returns the Runner."""
     from mmengine.runner import Runner
 
-    cfg = build_train_config(opts)
-    runner = Runner.from_cfg(cfg)
-    runner.train()
+    from .guard import interruptible, run_guarded
+
+    with interruptible() as interrupt:  # Ctrl-C/SIGTERM: checkpoint at the iteration's end, then stop
+        cfg = build_train_config(opts)
+        runner = Runner.from_cfg(cfg)
+        run_guarded(runner, interrupt)
     if runner.rank == 0:
         last = Path(runner.work_dir) / "last_checkpoint"
         if last.is_file():

@@ -71,12 +71,13 @@ fi
 step 5 "OpenMMLab packages (--no-deps: their declared deps pull open3d/tensorboard/opencv-python)"
 "${PIPC[@]}" --no-deps mmengine mmdet mmdet3d lyft_dataset_sdk nuscenes-devkit
 
-step 6 "runtime dependencies (explicit list; the real imports of mmdet/mmdet3d/nuscenes-devkit)"
+step 6 "runtime dependencies (explicit list; the real imports of mmdet/mmdet3d/nuscenes-devkit; s3fs, moto for S3 stores)"
 "${PIPC[@]}" "$TORCH_SPEC" numpy spconv zarr numcodecs click \
   pycocotools scipy six terminaltables cachetools descartes fire parameterized scikit-learn \
   pandas numba networkx trimesh plyfile scikit-image pyquaternion shapely \
   addict yapf termcolor rich matplotlib pillow pyyaml tqdm fsspec crc32c \
-  pytest pytest-timeout ruff hypothesis
+  pytest pytest-timeout ruff hypothesis \
+  s3fs "moto[server]"
 
 step 7 "bevcache (editable)"
 "${PIPC[@]}" --no-deps -e .

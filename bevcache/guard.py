@@ -1,0 +1,168 @@
+"""Guards around `bevcache train`'s Runner: Ctrl-C / SIGTERM and resuming against another store.
+
+Interrupts: the first SIGINT or SIGTERM only sets a flag. At the end of the iteration in progress
+(all ranks agree on it under torchrun) `TrainGuardHook` saves a checkpoint, points the work dir's
+`last_checkpoint` at it and stops with one line saying how to continue (`--resume`). A second
+signal stops at once, naming the last checkpoint there is. An iteration-based loop resumes at the
+next iteration; an epoch-based loop (mmengine restarts an epoch's data loader from its start)
+replays the interrupted epoch's batches with the weights, banks and schedule reached.
+
+Resume: mmengine loads a checkpoint whose tensors have other shapes non-strictly (a warning, then
+training goes on with freshly initialised tensors). For the CRD part that means a checkpoint made
+against a store of another feature width; `after_load_checkpoint` refuses it instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+
+import torch
+from mmengine.hooks import Hook
+
+from .errors import BevcacheError, StoreMismatch
+
+log = logging.getLogger("bevcache")
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class TrainingInterrupted(BevcacheError):
+    """Training stopped on SIGINT/SIGTERM; the message names the checkpoint to resume from."""
+
+
+class InterruptState:
+    """What the signal handler saw: the first signal's number and how many arrived."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.count = 0
+        self.pid = os.getpid()
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else "?"
+
+    def handle(self, signum: int, _frame: object) -> None:
+        if os.getpid() != self.pid:  # a forked data loader worker: the main process ends it
+            return
+        self.count += 1
+        if self.signum is None:
+            self.signum = signum
+        if self.count > 1:
+            raise KeyboardInterrupt
+        log.warning("%s received: finishing this iteration, then saving a checkpoint "
+                    "(send it again to stop at once)", signal.Signals(signum).name)
+
+
+def last_checkpoint(work_dir: str | Path) -> str | None:
+    """The checkpoint `--resume` (no value) would load from work_dir, if any."""
+    path = Path(work_dir) / "last_checkpoint"
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return text if text and Path(text).is_file() else None
+
+
+def _resume_hint(work_dir: str | Path) -> str:
+    ckpt = last_checkpoint(work_dir)
+    if ckpt:
+        return f"the last checkpoint is {ckpt}: run the same command with --resume to continue from it."
+    return "no checkpoint was saved yet: run the same command again (without --resume) to start over."
+
+
+class TrainGuardHook(Hook):
+    """Saves a checkpoint and stops after an interrupted iteration; refuses CRD checkpoints of other widths."""
+
+    priority = "LOWEST"  # after CheckpointHook, so a checkpoint it just saved is not saved twice
+
+    def __init__(self, state: InterruptState | None = None) -> None:
+        self.state = state or InterruptState()
+
+    def _stop_requested(self) -> bool:
+        import torch.distributed as dist
+
+        flag = self.state.signum is not None
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            tensor = torch.tensor([int(flag)])
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)  # gloo tensor on CPU; one int per iteration
+            flag = bool(tensor.item())
+        return flag
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        if not self._stop_requested():
+            return
+        from mmengine.dist import is_main_process
+
+        filename = f"iter_{runner.iter + 1}.pth"
+        path = Path(runner.work_dir) / filename
+        saved = str(runner.message_hub.get_info("last_ckpt", "") or "")
+        if not saved.endswith(filename):  # CheckpointHook did not save this very iteration
+            runner.save_checkpoint(runner.work_dir, filename, by_epoch=False)
+            if is_main_process():
+                (Path(runner.work_dir) / "last_checkpoint").write_text(str(path))
+        replay = ""
+        if type(runner.train_loop).__name__ == "EpochBasedTrainLoop":
+            replay = f" (epoch-based loop: the resumed run replays epoch {runner.epoch + 1}'s batches)"
+        raise TrainingInterrupted(
+            f"interrupted by {self.state.name} at iteration {runner.iter + 1}: checkpoint saved to {path}; "
+            f"run the same command with --resume to continue from it{replay}."
+        )
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        model = runner.model.module if hasattr(runner.model, "module") else runner.model
+        if not hasattr(model, "crd"):
+            return
+        own = model.state_dict()
+        state = checkpoint.get("state_dict", checkpoint)
+        wrong = [f"{k} {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} now"
+                 for k, v in state.items()
+                 if k.removeprefix("module.").startswith("crd.") and k in own and hasattr(v, "shape")
+                 and tuple(v.shape) != tuple(own[k].shape)]
+        if wrong:
+            raise StoreMismatch(
+                f"the checkpoint does not fit this run's CRD widths ({'; '.join(wrong[:3])}): it was trained "
+                "against a store (or distill settings) with other feature widths. Resume with the store and "
+                "distill settings it was trained with, or start a new --work-dir."
+            )
+
+
+@contextlib.contextmanager
+def interruptible():
+    """SIGINT/SIGTERM set a flag (a second one raises KeyboardInterrupt); restored on exit."""
+    state = InterruptState()
+    if threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+    previous = {s: signal.signal(s, state.handle) for s in _SIGNALS}
+    try:
+        yield state
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def run_guarded(runner, state: InterruptState) -> None:
+    """runner.train() with TrainGuardHook; any interrupt becomes one TrainingInterrupted line."""
+    if state.signum is not None:
+        raise TrainingInterrupted(f"interrupted by {state.name} before training started; "
+                                  + _resume_hint(runner.work_dir))
+    runner.register_hook(TrainGuardHook(state))
+    try:
+        runner.train()
+    except BevcacheError:
+        raise
+    except BaseException as exc:
+        if state.signum is None:
+            raise
+        # A second signal, or a data loader whose workers the signal (Ctrl-C hits the whole
+        # process group) ended before the iteration finished.
+        raise TrainingInterrupted(
+            f"interrupted by {state.name} before a checkpoint could be saved ({type(exc).__name__}); "
+            + _resume_hint(runner.work_dir)
+        ) from None
