@@ -69,6 +69,7 @@ class CRDDistiller(BaseModel):
             for s, t in self.layers.items()
         })
         self.teacher = None
+        self.view_digests = None
         if cache is not None:
             from .store import open_store
 
@@ -83,8 +84,8 @@ class CRDDistiller(BaseModel):
                 if replay:  # [N, 1 + K, dim]: view 0 is the un-augmented sample
                     table = torch.cat([table[:, None], store.read_table(t, dtype=table_dtype, views=True)], dim=1)
                 self.register_buffer(f"teacher_table__{_key(t)}", table, persistent=False)
-            if replay:
-                self.register_buffer("view_digests", torch.from_numpy(store.read_digests()), persistent=False)
+            # Checked on the host against each sample's metainfo: no device round trip per step.
+            self.view_digests = store.read_digests() if replay else None
         else:
             from .extract import build_teacher
 
@@ -107,7 +108,7 @@ class CRDDistiller(BaseModel):
 
     def _teacher_features(self, inputs: dict, data_samples: list, rows: Tensor) -> dict[str, Tensor]:
         if self.teacher is None:
-            where = (rows,) if not hasattr(self, "view_digests") else (rows, self._checked_views(data_samples, rows))
+            where = (rows,) if self.view_digests is None else (rows, self._checked_views(data_samples, rows.device))
             return {t: getattr(self, f"teacher_table__{_key(t)}")[where].float() for t in set(self.layers.values())}
         data = self.teacher.data_preprocessor({"inputs": inputs, "data_samples": data_samples}, False)
         with torch.no_grad():
@@ -115,11 +116,11 @@ class CRDDistiller(BaseModel):
             pooling = {t: self.pooling[s] for s, t in self.layers.items()}
             return self.teacher_recorder.pooled(pooling, len(data_samples))
 
-    def _checked_views(self, data_samples: list, rows: Tensor) -> Tensor:
+    def _checked_views(self, data_samples: list, device: torch.device) -> Tensor:
         """The view each sample shows, after proving its input is the one the teacher saw."""
         views = []
-        for sample, row in zip(data_samples, rows.tolist(), strict=True):
-            view = int(sample.metainfo.get(VIEW_META, 0))
+        for sample in data_samples:
+            row, view = int(sample.metainfo["sample_idx"]), int(sample.metainfo.get(VIEW_META, 0))
             if view:
                 stored = int(self.view_digests[row, view - 1])
                 if int(sample.metainfo[DIGEST_META]) != stored:
@@ -129,7 +130,7 @@ class CRDDistiller(BaseModel):
                         f"vs {stored}); the pipeline, its data or library versions changed. Re-extract the views."
                     )
             views.append(view)
-        return torch.as_tensor(views, dtype=torch.long, device=rows.device)
+        return torch.as_tensor(views, dtype=torch.long, device=device)
 
     def forward(self, inputs: dict, data_samples: list | None = None, mode: str = "tensor"):
         data = self.student.data_preprocessor({"inputs": inputs, "data_samples": data_samples}, mode == "loss")

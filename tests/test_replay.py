@@ -215,7 +215,7 @@ def test_a_changed_augmented_input_is_refused_at_the_loss(views_store, data_root
     token = open_store(views_store).tokens[4]
     sample = Det3DDataSample(metainfo={"sample_idx": 4, "token": token, VIEW_META: 2, DIGEST_META: 12345})
     with pytest.raises(StoreMismatch, match="dataset index 4, view 2"):
-        model._checked_views([sample], torch.tensor([4]))
+        model._checked_views([sample], torch.device("cpu"))
 
 
 def test_resume_of_a_killed_view_extraction_gives_the_identical_store(views_store, data_root, teacher_ckpt, tmp_path):  # noqa: F811
