@@ -340,8 +340,10 @@ def verdicts(agg: dict, runs: dict, extract_seconds: float | None) -> list[str]:
                            ("plain", "plain-aug", "Does augmentation help the plain student (a+ vs a)?")):
         if a in runs and b in runs and runs[a] and runs[b]:
             c_map, c_nds = compare(runs[a], runs[b], "mAP"), compare(runs[a], runs[b], "NDS")
+            within = all(abs(c["delta"]) <= 2 * c["se"] for c in (c_map, c_nds)) if c_map["se"] > 0 else None
+            verdict = {True: "within twice the SE", False: "beyond twice the SE", None: "one seed"}[within]
             lines.append(f"- **{question}** {LABELS[b].split()[0]} − {LABELS[a].split()[0]}: {diff_text(c_map, 'mAP')}, "
-                         f"{diff_text(c_nds, 'NDS')}; {c_map['wins']} of {c_map['n']} seed-paired wins on mAP.")
+                         f"{diff_text(c_nds, 'NDS')} ({verdict}); {c_map['wins']} of {c_map['n']} seed-paired wins on mAP.")
     if "online" in agg and "plain" in agg:
         ratio = agg["online"]["train_seconds_per_epoch"][0] / agg["plain"]["train_seconds_per_epoch"][0]
         lines.append(f"- Online CRD costs {ratio:.2f}x plain training per epoch "
