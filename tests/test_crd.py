@@ -307,8 +307,12 @@ def ddp_worker(rank: int, port: int, out_dir: str) -> None:
         torch.save(crd.state_dict(), f"{out_dir}/train{rank}.pt")
         del model
         torch_dist.barrier()  # gloo aborts a rank whose peer tears down mid-collective
-    finally:
+    except BaseException:
         torch_dist.destroy_process_group()
+        raise
+    # Results are on disk. Leave without gloo's teardown: under load its background threads can
+    # hit std::terminate at interpreter exit (SIGABRT seen once), which says nothing about CRD.
+    os._exit(0)
 
 
 def free_port() -> int:
