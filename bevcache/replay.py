@@ -199,14 +199,21 @@ class ReplayEpochHook(Hook):
 
     priority = "VERY_HIGH"
 
+    def __init__(self) -> None:
+        self._iters_per_pass: int | None = None  # set for iteration-based loops only
+
+    def before_train(self, runner) -> None:
+        from mmengine.runner import EpochBasedTrainLoop
+
+        if not isinstance(runner.train_loop, EpochBasedTrainLoop):
+            self._iters_per_pass = max(len(runner.train_dataloader), 1)
+
     def before_train_epoch(self, runner) -> None:
         self._set(runner, runner.epoch)
 
     def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
-        from mmengine.runner import EpochBasedTrainLoop
-
-        if not isinstance(runner.train_loop, EpochBasedTrainLoop):
-            self._set(runner, runner.iter // max(len(runner.train_dataloader), 1))
+        if self._iters_per_pass:
+            self._set(runner, runner.iter // self._iters_per_pass)
 
     @staticmethod
     def _set(runner, epoch: int) -> None:

@@ -544,8 +544,7 @@ class FeatureStore:
 
     def read_digests(self) -> np.ndarray:
         """int64 [num_samples, K]: the digest of each view's augmented input (see bevcache.replay)."""
-        if not self.num_views:
-            raise StoreError(f"store {self.url} has no augmented views (it was extracted without --views).")
+        self._require_views()
         return self._read_whole("view_digests")
 
     def read_rows(self, layer: str, rows: np.ndarray) -> np.ndarray:
@@ -695,10 +694,13 @@ class FeatureStore:
             raise StoreError(f"layer {layer!r} is not in store {self.url}; layers present: {list(self.layers)}.")
         return f"features/{spec.array_name}"
 
-    def _view_path(self, layer: str) -> str:
+    def _require_views(self) -> None:
         if not self.num_views:
             raise StoreError(f"store {self.url} has no augmented views (it was extracted without --views); "
                              "re-extract with `bevcache extract --views K` to replay augmentation.")
+
+    def _view_path(self, layer: str) -> str:
+        self._require_views()
         return "views/" + self._feature_path(layer).split("/", 1)[1]
 
     def _expected(self, path: str) -> tuple[tuple[int, ...], str]:

@@ -185,6 +185,7 @@ def test_persistent_workers_follow_the_epoch(views_store, data_root):
         got = [s.metainfo[VIEW_META] for batch in loader for s in batch["data_samples"]]
         assert got == [pick_view(replay.seed, epoch, i, VIEWS) for i in range(len(dataset))]
     runner.train_loop, runner.iter = object(), 3 * len(loader) + 1  # iteration-based: passes count as epochs
+    hook.before_train(runner)
     hook.before_train_iter(runner, 0)
     assert replay.epoch == 3
 
