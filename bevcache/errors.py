@@ -38,3 +38,7 @@ def os_error_text(exc: OSError) -> str:
     if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return f"{what}{where}: choose a writable location (--out / --work-dir) or fix its permissions."
     return f"{what}{where}: check that path, then rerun the command."
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint is missing, unreadable, unsafe to unpickle, or does not fit its model."""
