@@ -34,6 +34,34 @@ def _friendly(fn):
     return wrapper
 
 
+class _KeyValues(click.Option):
+    """`--cfg-options a=1 b=2` as in mmdet3d's tools (mmengine's DictAction): the option takes every
+    following `key=value` word up to the next option; repeating the option works too."""
+
+    def add_to_parser(self, parser, ctx):
+        result = super().add_to_parser(parser, ctx)
+        option = next(parser._long_opt[name] for name in self.opts if name in parser._long_opt)
+        store_one = option.process
+
+        def process(value, state):
+            store_one(value, state)
+            while state.rargs and not state.rargs[0].startswith("-") and "=" in state.rargs[0]:
+                store_one(state.rargs.pop(0), state)
+
+        option.process = process
+        return result
+
+
+def _cfg_options(help_text: str = "key=value overrides of the config (mmengine --cfg-options semantics)."):
+    return click.option("--cfg-options", cls=_KeyValues, multiple=True, help=help_text)
+
+
+LAUNCHER = click.option("--launcher", type=click.Choice(["none", "pytorch", "slurm", "mpi"]), default="none",
+                        help="Distributed launcher (mmengine's init_dist; gloo on CPU).")
+TRUST = click.option("--trust-checkpoint", is_flag=True,
+                     help="Unpickle the checkpoint fully (arbitrary code!) instead of the weights-only loader.")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="bevcache")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
@@ -72,10 +100,12 @@ def synth(out_dir: str, samples: int, val_samples: int | None, seed: int, sweeps
 @click.option("--chunk-rows", type=click.IntRange(min=1), default=None, help="Rows per chunk (= resumable block).")
 @click.option("--views", type=click.IntRange(min=0), default=None,
               help="Also cache K augmented views per sample (training pipeline, seeded per view) [default: 0].")
-@click.option("--cfg-options", multiple=True, help="key=value overrides of the config (repeatable).")
+@_cfg_options()
 @click.option("--resume", is_flag=True, help="Continue an interrupted store.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
-@click.option("--launcher", type=click.Choice(["none", "pytorch"]), default="none")
+@click.option("--random-init", is_flag=True, help="Knowingly cache a randomly initialised teacher (no weights).")
+@TRUST
+@LAUNCHER
 @click.option("--device", default=None, help="e.g. cpu, cuda:0 [default: cuda when available].")
 @click.option("--data-root", default=None, help="Use this data root instead of the config's.")
 @_friendly
@@ -129,7 +159,7 @@ def info(store: str, as_json: bool) -> None:
 @main.command()
 @click.argument("store")
 @click.option("--config", default=None, type=click.Path(), help="Check the store matches this config's dataset too.")
-@click.option("--cfg-options", multiple=True)
+@_cfg_options()
 @click.option("--data-root", default=None, help="Use this data root instead of the config's.")
 @_friendly
 def verify(store: str, config: str | None, cfg_options: tuple[str, ...], data_root: str | None) -> None:
@@ -167,12 +197,14 @@ def verify(store: str, config: str | None, cfg_options: tuple[str, ...], data_ro
 @click.option("--work-dir", default=None)
 @click.option("--resume", "resume", is_flag=False, flag_value="auto", default=None,
               help="Resume from CKPT, or from the latest checkpoint in the work dir when no value is given.")
-@click.option("--cfg-options", multiple=True, help="key=value overrides of the student config.")
-@click.option("--distill", "distill_options", multiple=True, help="key=value overrides of distill settings (alpha=0.5).")
-@click.option("--launcher", type=click.Choice(["none", "pytorch"]), default="none")
+@_cfg_options("key=value overrides of the student config (mmengine --cfg-options semantics).")
+@click.option("--distill", "distill_options", cls=_KeyValues, multiple=True,
+              help="key=value overrides of the distiller settings (alpha=0.5 nce_k=4096).")
+@LAUNCHER
 @click.option("--amp", is_flag=True, help="Mixed precision (CUDA).")
 @click.option("--teacher-online", default=None, type=click.Path(), help="Reference: run this teacher every step instead of a cache.")
 @click.option("--teacher-checkpoint", default=None, type=click.Path())
+@TRUST
 @click.option("--plain", is_flag=True, help="Ignore any distill section: the baseline student.")
 @click.option("--data-root", default=None, help="Use this data root instead of the config's.")
 @_friendly
@@ -190,12 +222,13 @@ def train(**kwargs) -> None:
 @main.command("export-student")
 @click.argument("checkpoint", type=click.Path())
 @click.argument("out", type=click.Path())
+@TRUST
 @_friendly
-def export_student(checkpoint: str, out: str) -> None:
+def export_student(checkpoint: str, out: str, trust_checkpoint: bool) -> None:
     """Save the plain student weights of a bevcache checkpoint (loadable without bevcache)."""
-    from .train import export_student as run
+    from .teacher import export_student as run
 
-    click.echo(run(checkpoint, out))
+    click.echo(run(checkpoint, out, trust=trust_checkpoint))
 
 
 if __name__ == "__main__":

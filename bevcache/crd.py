@@ -32,8 +32,8 @@ class CRDLoss(nn.Module):
     def __init__(
         self,
         *,
-        student_dim: int,
-        teacher_dim: int,
+        student_dim: int | None,  # None: inferred from the first batch (nn.LazyLinear)
+        teacher_dim: int | None,
         num_data: int,
         feat_dim: int = 128,  # size of the shared embedding space
         nce_k: int = 16384,  # negatives per sample
@@ -58,8 +58,13 @@ class CRDLoss(nn.Module):
         self.num_data, self.feat_dim, self.nce_k = num_data, feat_dim, nce_k
         self.nce_t, self.nce_m, self.z_momentum, self.eps = nce_t, nce_m, z_momentum, eps
 
-        self.embed_s = nn.Linear(student_dim, feat_dim)
-        self.embed_t = nn.Linear(teacher_dim, feat_dim)  # trained too; its input is the cache
+        # Without the student's width (unknown before any data), both embeddings are inferred from
+        # the first batch (nn.LazyLinear), so cached and online runs draw their initial weights at
+        # the same moment. DDP needs parameters before wrapping: a distributed run passes both widths.
+        self.student_dim, self.teacher_dim = student_dim, teacher_dim
+        lazy = not (student_dim and teacher_dim)
+        self.embed_s = nn.LazyLinear(feat_dim) if lazy else nn.Linear(student_dim, feat_dim)
+        self.embed_t = nn.LazyLinear(feat_dim) if lazy else nn.Linear(teacher_dim, feat_dim)  # trained too
         # Uniform in [-stdv, stdv] has E|row|^2 = 1, as in the reference; we then normalise each
         # row exactly, so that never-visited rows live on the same unit sphere as updated rows
         # and as the embeddings (a bank row is always a unit vector).
@@ -97,6 +102,9 @@ class CRDLoss(nn.Module):
                 "expected f_s [B, student_dim], f_t [B, teacher_dim], index [B]. Got "
                 f"{tuple(f_s.shape)}, {tuple(f_t.shape)}, {tuple(index.shape)}."
             )
+        for side, dim, f in (("student", self.student_dim, f_s), ("teacher", self.teacher_dim, f_t)):
+            if dim and f.shape[1] != dim:
+                raise ValueError(f"CRD was built for {side} features of width {dim}. Got {f.shape[1]}.")
         dtype, device = self.memory_s.dtype, self.memory_s.device
         index = index.to(device=device, dtype=torch.long)  # [B] dataset indices
         no_autocast = (  # the meta device has no autocast to switch off

@@ -1,29 +1,49 @@
 """The training-time model: a student plus CRD against cached (or, for reference, live) teacher vectors.
 
-Registered in mmdet3d's MODELS as `CRDDistiller`, so mmengine's Runner trains it like any
-detector (optimizer wrapper, schedulers, logging, checkpoints, resume, AMP, DDP). `forward` in
-`loss` mode returns the student's own `loss_*` entries plus `loss_crd_<layer>` = alpha * CRD.
-Cached mode builds no teacher: the store's tables are loaded once onto the training device and
-indexed by each sample's base dataset index (checked against the stored token) and, when
-augmentation is replayed, by the view the sample shows (checked against the view's input digest).
+Registered in mmdet3d's MODELS as `CRDDistiller`, so any mmengine entry point (mmdet3d's
+`tools/train.py`, `Runner.from_cfg`, `bevcache train`) trains it like a detector. It is
+self-sufficient: in cached mode it takes `num_data`, the teacher widths and the pooling from the
+store it opens (refusing explicit values that contradict it), clamps `nce_k`, and infers the
+student widths from the first batch. What needs the training data (the dataset's tokens against
+the store, the meta keys every sample must carry, the augmentation policy, the replay wiring) it
+checks in `attach_train_data`, which `DistillationHook` calls at `before_train`; training without
+that hook is refused at the first step, never run unchecked.
+
+`forward` in `loss` mode returns the student's own `loss_*` entries plus `loss_crd_<layer>` =
+alpha * CRD. Cached mode builds no teacher: the store's tables are loaded once onto the training
+device and indexed by each sample's base dataset index (checked against the stored token) and,
+when augmentation is replayed, by the view the sample shows (checked against its input digest).
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from mmdet3d.registry import MODELS
+from mmengine.logging import print_log
 from mmengine.model import BaseModel
 from torch import Tensor, nn
 
 from .crd import CRDLoss
 from .data import batch_rows
-from .errors import ConfigError, StoreMismatch
-from .features import LayerRecorder
+from .errors import ConfigError, StoreError, StoreMismatch
+from .features import POOLINGS, LayerRecorder
 from .replay import DIGEST_META, VIEW_META
+
+# What to do with random train transforms: drop them, keep them (the cached vector then describes
+# another input), or replay the store's augmented views exactly (bevcache.replay).
+AUGMENTATION_POLICIES = ("drop", "keep", "replay")
 
 
 def _key(layer: str) -> str:
     return layer.replace(".", "__")
+
+
+def _contradiction(name: str, given, stored, url: str) -> ConfigError:
+    return ConfigError(f"CRDDistiller: {name}={given!r} in the config contradicts the store {url}, which has "
+                       f"{name}={stored!r}; remove {name} from the config (it comes from the store) or use the "
+                       "store it was meant for.")
 
 
 @MODELS.register_module()
@@ -34,71 +54,149 @@ class CRDDistiller(BaseModel):
         self,
         *,
         student: dict,
-        layers: dict[str, str],
-        student_dims: dict[str, int],
-        teacher_dims: dict[str, int],
-        num_data: int,
-        pooling: str | dict[str, str] = "avg",
+        cache: str | None = None,
+        teacher: dict | None = None,
+        teacher_checkpoint: str | None = None,
+        trust_checkpoint: bool = False,
+        layers: dict[str, str] | None = None,
+        num_data: int | None = None,
+        student_dims: dict[str, int] | None = None,
+        teacher_dims: dict[str, int] | None = None,
+        pooling: str | dict[str, str] | None = None,
         alpha: float = 1.0,
         feat_dim: int = 128,
         nce_k: int = 16384,
         nce_t: float = 0.07,
         nce_m: float = 0.5,
         z_momentum: float | None = None,
-        cache: str | None = None,
-        teacher: dict | None = None,
-        teacher_checkpoint: str | None = None,
-        replay: bool = False,
+        augmentation: str = "drop",
+        views: int | None = None,
         init_cfg: dict | None = None,
     ) -> None:
         # Data is preprocessed by the student's (and teacher's) own preprocessors in forward:
         # their voxelisation settings may differ. Ours only moves data to the device.
         super().__init__(data_preprocessor=dict(type="mmengine.BaseDataPreprocessor"), init_cfg=init_cfg)
         if alpha < 0:
-            raise ConfigError(f"distill.alpha must be >= 0. Got {alpha}.")
+            raise ConfigError(f"CRDDistiller: alpha must be >= 0. Got {alpha}.")
         if (cache is None) == (teacher is None):
-            raise ConfigError("CRDDistiller needs exactly one of `cache` (a store) or `teacher` (online).")
-        self.layers = dict(layers)
+            raise ConfigError("CRDDistiller needs exactly one of `cache` (a store from `bevcache extract`) or "
+                              "`teacher` (a teacher model config, the online reference).")
+        if augmentation not in AUGMENTATION_POLICIES:
+            raise ConfigError(f"CRDDistiller: augmentation must be one of {list(AUGMENTATION_POLICIES)}. "
+                              f"Got {augmentation!r}.")
+        self.layers = dict(layers or {"pts_neck": "pts_neck"})
+        if not self.layers or not all(isinstance(k, str) and isinstance(v, str) for k, v in self.layers.items()):
+            raise ConfigError("CRDDistiller: layers must map student layer names to teacher layer names, "
+                              f"e.g. dict(pts_neck='pts_neck'). Got {layers!r}.")
         self.alpha = float(alpha)
+        self.augmentation = augmentation
+        self.cache = cache
+        self.replay = augmentation == "replay"
+        self.num_views = views
+        self.view_digests = None
+        self.teacher = None
+        self.store_tokens: list[str] | None = None
+        self.data_attached = False
+        teacher_dims = dict(teacher_dims or {})
+        if cache is not None:
+            num_data, teacher_dims, pooling = self._open_cache(cache, num_data, teacher_dims, pooling)
+        else:
+            if num_data is None:
+                raise ConfigError("CRDDistiller with an online `teacher` needs num_data (the training set's length; "
+                                  "`bevcache train` fills it in). DistillationHook checks it against the data.")
+            self._build_online_teacher(teacher, teacher_checkpoint, trust_checkpoint)
+        pooling = pooling or "avg"
         self.pooling = {s: pooling if isinstance(pooling, str) else pooling[s] for s in self.layers}
-        self.student = MODELS.build(student)
+        bad = {s: p for s, p in self.pooling.items() if p not in POOLINGS}
+        if bad:
+            raise ConfigError(f"CRDDistiller: pooling must be one of {list(POOLINGS)}. Got {bad}.")
+        self.num_data = int(num_data)
+        if self.num_data < 2:
+            raise ConfigError(f"CRDDistiller: CRD needs at least 2 training samples. Got num_data={self.num_data}.")
+        if nce_k >= self.num_data:
+            print_log(f"CRDDistiller: nce_k={nce_k} >= num_data={self.num_data}: clamped to {self.num_data - 1}",
+                      logger="current", level=30)
+            nce_k = self.num_data - 1
+        self.student = MODELS.build(copy.deepcopy(student))
         self.student_recorder = LayerRecorder(self.student, self.layers)
+        student_dims = dict(student_dims or {})
         self.crd = nn.ModuleDict({
-            _key(s): CRDLoss(student_dim=student_dims[s], teacher_dim=teacher_dims[t], num_data=num_data,
+            _key(s): CRDLoss(student_dim=student_dims.get(s), teacher_dim=teacher_dims.get(t), num_data=self.num_data,
                              feat_dim=feat_dim, nce_k=nce_k, nce_t=nce_t, nce_m=nce_m, z_momentum=z_momentum)
             for s, t in self.layers.items()
         })
-        self.teacher = None
-        self.view_digests = None
-        if cache is not None:
-            from .store import open_store
 
-            store = open_store(cache)
-            self.store_tokens = list(store.tokens)
-            self.store_url = cache
-            table_dtype = torch.float16 if store.dtype == "float16" else torch.float32
-            for t in sorted(set(self.layers.values())):
-                # Kept in the store's dtype (half the memory of float32 for a float16 store) and
-                # cast per batch. Non-persistent: follows .to(device), never in checkpoints.
-                table = store.read_table(t, dtype=table_dtype)
-                if replay:  # [N, 1 + K, dim]: view 0 is the un-augmented sample
-                    table = torch.cat([table[:, None], store.read_table(t, dtype=table_dtype, views=True)], dim=1)
-                self.register_buffer(f"teacher_table__{_key(t)}", table, persistent=False)
+    # -- building ---------------------------------------------------------------------------
+
+    def _open_cache(self, cache: str, num_data, teacher_dims: dict, pooling):
+        """Everything the store decides: rows, widths, pooling; the tables themselves, on the host."""
+        from .store import open_store
+
+        store = open_store(cache)
+        mask = store.complete_mask()
+        if not mask.all():
+            raise StoreError(f"store {cache} is incomplete ({int((~mask).sum())} of {store.num_samples} rows "
+                             "missing): finish it with `bevcache extract --resume` first.")
+        absent = [t for t in self.layers.values() if t not in store.layers]
+        if absent:
+            raise StoreError(f"teacher layer(s) {absent} are not in store {cache}; it holds {sorted(store.layers)}.")
+        if num_data is not None and int(num_data) != store.num_samples:
+            raise _contradiction("num_data", num_data, store.num_samples, cache)
+        for t, dim in teacher_dims.items():
+            if t in store.layers and int(dim) != store.layers[t].dim:
+                raise _contradiction(f"teacher_dims[{t!r}]", dim, store.layers[t].dim, cache)
+        stored_pooling = {s: store.layers[t].pooling for s, t in self.layers.items()}
+        if pooling is not None:
+            given = {s: pooling if isinstance(pooling, str) else pooling.get(s) for s in self.layers}
+            for s, p in given.items():
+                if p is not None and p != stored_pooling[s]:
+                    raise _contradiction(f"pooling[{s!r}]", p, stored_pooling[s], cache)
+        if self.replay:
+            if not store.num_views:
+                raise StoreError(f"augmentation='replay' needs a store with augmented views; {cache} has none. "
+                                 "Extract with `bevcache extract --views K` (e.g. 4).")
+            if self.num_views is not None and int(self.num_views) != store.num_views:
+                raise _contradiction("views", self.num_views, store.num_views, cache)
+            self.num_views = store.num_views
+            self.view_record = store.attrs.get("augmentation", {})
             # Checked on the host against each sample's metainfo: no device round trip per step.
-            self.view_digests = store.read_digests() if replay else None
-        else:
-            from .extract import build_teacher
+            self.view_digests = store.read_digests()
+        self.store_tokens = list(store.tokens)
+        self.store_fingerprint = store.attrs.get("dataset", {})
+        table_dtype = torch.float16 if store.dtype == "float16" else torch.float32
+        for t in sorted(set(self.layers.values())):
+            # Kept in the store's dtype (half the memory of float32 for a float16 store) and
+            # cast per batch. Non-persistent: follows .to(device), never in checkpoints.
+            table = store.read_table(t, dtype=table_dtype)
+            if self.replay:  # [N, 1 + K, dim]: view 0 is the un-augmented sample
+                table = torch.cat([table[:, None], store.read_table(t, dtype=table_dtype, views=True)], dim=1)
+            self.register_buffer(f"teacher_table__{_key(t)}", table, persistent=False)
+        return store.num_samples, {t: store.layers[t].dim for t in self.layers.values()}, stored_pooling
 
-            with torch.random.fork_rng(devices=[]):  # the teacher's init must not shift the student's RNG
-                from mmengine.config import ConfigDict
+    def _build_online_teacher(self, teacher: dict, checkpoint: str | None, trust: bool) -> None:
+        from mmengine.config import ConfigDict
 
-                self.teacher = build_teacher(ConfigDict(model=teacher), teacher_checkpoint, torch.device("cpu"))
-            # The Runner calls init_weights() on the whole model: it must not re-initialise the
-            # loaded teacher (nor draw random numbers for it).
-            for module in self.teacher.modules():
-                if hasattr(module, "is_init"):
-                    module.is_init = True
-            self.teacher_recorder = LayerRecorder(self.teacher, set(self.layers.values()), stop_early=True)
+        from .teacher import build_teacher
+
+        with torch.random.fork_rng(devices=[]):  # the teacher's init must not shift the student's RNG
+            self.teacher = build_teacher(ConfigDict(model=teacher), checkpoint, torch.device("cpu"),
+                                         trust_checkpoint=trust, random_init=checkpoint is None)
+        # The Runner calls init_weights() on the whole model: it must not re-initialise the
+        # loaded teacher (nor draw random numbers for it).
+        for module in self.teacher.modules():
+            if hasattr(module, "is_init"):
+                module.is_init = True
+        self.teacher_recorder = LayerRecorder(self.teacher, set(self.layers.values()), stop_early=True)
+
+    # -- the training data ------------------------------------------------------------------
+
+    def attach_train_data(self, dataset) -> None:
+        """Check the training data against this distiller and apply the augmentation policy
+        (called by DistillationHook at before_train, before any loader worker starts)."""
+        from .wiring import check_train_data
+
+        check_train_data(self, dataset)
+        self.data_attached = True
 
     def train(self, mode: bool = True) -> CRDDistiller:
         super().train(mode)
@@ -106,9 +204,11 @@ class CRDDistiller(BaseModel):
             self.teacher.eval()  # frozen: BN statistics never move
         return self
 
+    # -- forward ----------------------------------------------------------------------------
+
     def _teacher_features(self, inputs: dict, data_samples: list, rows: Tensor) -> dict[str, Tensor]:
         if self.teacher is None:
-            where = (rows,) if self.view_digests is None else (rows, self._checked_views(data_samples, rows.device))
+            where = (rows,) if not self.replay else (rows, self._checked_views(data_samples, rows.device))
             return {t: getattr(self, f"teacher_table__{_key(t)}")[where].float() for t in set(self.layers.values())}
         data = self.teacher.data_preprocessor({"inputs": inputs, "data_samples": data_samples}, False)
         with torch.no_grad():
@@ -126,7 +226,7 @@ class CRDDistiller(BaseModel):
                 if int(sample.metainfo[DIGEST_META]) != stored:
                     raise StoreMismatch(
                         f"dataset index {row}, view {view}: the student's augmented input differs from the one "
-                        f"the teacher saw when {self.store_url} was made (input digest {sample.metainfo[DIGEST_META]} "
+                        f"the teacher saw when {self.cache} was made (input digest {sample.metainfo[DIGEST_META]} "
                         f"vs {stored}); the pipeline, its data or library versions changed. Re-extract the views."
                     )
             views.append(view)
@@ -138,16 +238,17 @@ class CRDDistiller(BaseModel):
             result = self.student(**data, mode=mode)
             self.student_recorder.outputs.clear()
             return result
+        if not self.data_attached:
+            raise ConfigError(
+                "CRDDistiller is training without DistillationHook, so nothing checked the training data against "
+                "the teacher (tokens, meta keys, augmentation policy): add "
+                "custom_hooks=[dict(type='DistillationHook')] to the config (bevcache train adds it).")
         losses = self.student(**data, mode="loss")
         student_feats = self.student_recorder.pooled(self.pooling, len(data_samples))
         self.student_recorder.outputs.clear()
         device = student_feats[next(iter(self.layers))].device
-        rows = batch_rows(data_samples, getattr(self, "store_tokens", None), device=device)
+        rows = batch_rows(data_samples, self.store_tokens, device=device)
         teacher_feats = self._teacher_features(inputs, data_samples, rows)
         for s, t in self.layers.items():
             losses[f"loss_crd_{s}"] = self.alpha * self.crd[_key(s)](student_feats[s], teacher_feats[t], rows)
         return losses
-
-    def student_state_dict(self) -> dict[str, Tensor]:
-        """The plain student's weights, loadable by the student config without bevcache."""
-        return {k[len("student."):]: v for k, v in self.state_dict().items() if k.startswith("student.")}

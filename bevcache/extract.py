@@ -11,14 +11,9 @@ un-augmented batches come first, then its (index, view) batches, and the block i
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
-import json
 import logging
-import os
 import queue
-import signal
-import socket
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -39,11 +34,14 @@ from .data import (
     set_data_root,
     test_pipeline,
 )
-from .errors import ConfigError, FeatureValueError, StoreError
+from .errors import ConfigError, FeatureValueError, StoreError, StoreMismatch
 from .features import POOLINGS, LayerRecorder
+from .guard import interruptible
 from .replay import DIGEST_META, SEED_SCHEME, ReplayViewsDataset, pipeline_record
-from .runtime import init_distributed, load_config, resolve_device, setup_runtime
+from .runtime import check_writable_location, init_distributed, load_config, resolve_device, setup_runtime
 from .store import LayerSpec, create_store, fingerprint_tokens, open_store, store_exists
+from .store.location import exclusive_writer
+from .teacher import build_teacher, config_record, resolve_teacher_checkpoint, weights_sha256
 
 log = logging.getLogger("bevcache")
 
@@ -73,6 +71,8 @@ class ExtractOptions:
     device: str | None = None
     data_root: str | None = None
     progress: bool = True
+    random_init: bool = False  # knowingly cache a randomly initialised teacher
+    trust_checkpoint: bool = False  # unpickle the checkpoint fully (arbitrary code)
 
 
 def file_sha256(path: str) -> str:
@@ -82,45 +82,6 @@ def file_sha256(path: str) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def model_hash(cfg) -> str:
-    """Hash of the model section only: moving data_root does not make a teacher different."""
-    text = json.dumps(cfg.to_dict()["model"], sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def build_teacher(cfg, checkpoint: str | None, device: torch.device) -> torch.nn.Module:
-    """Build a frozen, eval-mode model from a config and (optionally) a checkpoint."""
-    from mmdet3d.registry import MODELS
-    from mmengine.runner import load_state_dict
-
-    try:
-        model = MODELS.build(cfg.model)
-    except Exception as exc:
-        raise ConfigError(f"cannot build the model of the config: {type(exc).__name__}: {exc}") from None
-    if checkpoint:
-        if not Path(checkpoint).is_file():
-            raise ConfigError(f"checkpoint not found: {checkpoint}")
-        # mmengine checkpoints pickle their message hub, which torch>=2.6's weights-only loader
-        # refuses; a checkpoint named on the command line is trusted as mmengine always did.
-        try:
-            state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        except Exception as exc:
-            raise ConfigError(f"cannot read checkpoint {checkpoint}: {type(exc).__name__}: {exc}") from None
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-        try:
-            load_state_dict(model, state, strict=True)
-        except RuntimeError as exc:
-            first = " ".join(str(exc).strip().splitlines()[:3])[:400]
-            raise ConfigError(
-                f"checkpoint {checkpoint} does not fit the config's model ({first}). "
-                "Pass the checkpoint trained with this config."
-            ) from None
-    else:
-        log.warning("no --checkpoint: caching features of a randomly initialised teacher")
-    return model.to(device).eval().requires_grad_(False)
 
 
 def block_batches(blocks: Sequence[tuple[int, int]], batch_size: int) -> list[list[int]]:
@@ -153,12 +114,35 @@ class _ExtractionSource:
         return self.views[key] if isinstance(key, tuple) else self.plain[key]
 
 
-def teacher_batches(model, dataset, batches: list[list[int]], num_workers: int) -> Iterator[tuple[list[int], dict]]:
-    """Yield (indices, preprocessed batch) over the given index batches (shared with the benchmark)."""
-    from mmengine.dataset import pseudo_collate
-    from torch.utils.data import DataLoader
+class FixedBatches:
+    """A batch sampler that yields exactly the given index batches (blocks never straddled)."""
 
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=pseudo_collate)
+    def __init__(self, sampler=None, batch_size: int = 1, batches: Sequence[list] = ()) -> None:
+        self.batches = list(batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def teacher_batches(model, dataset, batches: list[list[int]], num_workers: int,
+                    env_cfg: dict | None = None) -> Iterator[tuple[list[int], dict]]:
+    """Yield (indices, preprocessed batch) over the given index batches (shared with the benchmark).
+
+    The loader is mmengine's (`Runner.build_dataloader`), so the config's `env_cfg.mp_cfg`
+    (start method, OpenCV threads) applies as in training.
+    """
+    from mmengine.runner import Runner
+    from mmengine.utils.dl_utils import set_multi_processing
+
+    if env_cfg is not None:
+        set_multi_processing(**dict(env_cfg.get("mp_cfg") or {}), distributed=False)
+    loader = Runner.build_dataloader(dict(
+        dataset=dataset, sampler=dict(type="DefaultSampler", shuffle=False), batch_size=1,
+        batch_sampler=FixedBatches(batches=batches), num_workers=num_workers, persistent_workers=False,
+        collate_fn=dict(type="pseudo_collate")))
     for indices, batch in zip(batches, loader, strict=True):
         yield indices, model.data_preprocessor(batch, False)
 
@@ -212,11 +196,6 @@ class _BlockWriter:
 
     def __init__(self, store, depth: int = 2):
         self.store = store
-        # Fault injection for the crash tests: SIGKILL this process after N durable blocks.
-        self.kill_after = int(os.environ.get("BEVCACHE_KILL_AFTER_BLOCKS", 0))
-        if os.environ.get("BEVCACHE_KILL_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
-            self.kill_after = 0  # BEVCACHE_KILL_RANK=r: only rank r dies (torchrun tests)
-        self.blocks_written = 0
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self.rows_written = 0
@@ -229,9 +208,6 @@ class _BlockWriter:
                 try:
                     self.store.write_block(item[0], item[1], **item[2])
                     self.rows_written += len(next(iter(item[1].values())))
-                    self.blocks_written += 1
-                    if self.blocks_written == self.kill_after:
-                        os.kill(os.getpid(), signal.SIGKILL)
                 except BaseException as exc:  # surfaced in the main thread by put()/close()
                     self.error = exc
 
@@ -291,7 +267,9 @@ def _open_or_create(opts: ExtractOptions, settings: dict, *, layers: list[LayerS
             raise StoreError(f"a store already exists at {url}: pass --resume to continue it or --overwrite to replace it.")
         if exists and opts.resume:
             store = open_store(url, mode="r+")
-            store.check_matches(dataset=metadata["dataset"], teacher=metadata["teacher"], layers=layers,
+            _check_same_teacher(store, metadata["teacher"], url)
+            store.check_matches(dataset=metadata["dataset"], teacher={"config_sha256": metadata["teacher"]["config_sha256"]},
+                                layers=layers,
                                 views=int(settings["views"]), augmentation=metadata.get("augmentation"))
         else:
             store = create_store(url, num_samples=len(tokens), layers=layers, dtype=settings["dtype"],
@@ -302,41 +280,35 @@ def _open_or_create(opts: ExtractOptions, settings: dict, *, layers: list[LayerS
     return store if rank == 0 else open_store(url, mode="r+")
 
 
-def _raise_interrupt(*_: object) -> None:
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def _exclusive_writer(url: str):
-    """Refuse a second `extract` on the same local store (an advisory lock beside it, freed on exit or crash)."""
-    if "://" in url and not url.startswith("file://"):
-        log.warning("%s is a remote store: it is not locked against a second writer; run one "
-                    "`bevcache extract` per store at a time", url)
-        yield  # remote stores: no portable lock; one writer job per store is the user's contract
-        return
-    path = Path(url.removeprefix("file://").rstrip("/") + ".lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            raise StoreError(f"another `bevcache extract` is writing {url} ({fh.read().strip() or 'unknown pid'}); "
-                             "wait for it to finish, or stop it and run with --resume.") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()} on {socket.gethostname()}")
-        fh.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _barrier() -> None:
     from mmengine.dist import barrier
 
     barrier()
+
+
+def _teacher_identity(cfg, opts: ExtractOptions, record: dict, model) -> dict:
+    """What makes a teacher this teacher: its weights (sha256 of the state dict's tensors) and config."""
+    checkpoint = resolve_teacher_checkpoint(cfg, opts.checkpoint)
+    return {
+        "config": str(Path(opts.config)),
+        "config_sha256": record["sha256"],
+        "weights_sha256": weights_sha256(model),
+        "checkpoint": str(checkpoint) if checkpoint else None,
+        "checkpoint_sha256": file_sha256(checkpoint) if checkpoint and Path(checkpoint).is_file() else None,
+        "random_init": checkpoint is None,
+    }
+
+
+def _check_same_teacher(store, teacher: dict, url: str) -> None:
+    """Resume only with the very weights the store's rows came from."""
+    stored = dict(store.attrs.get("teacher") or {})
+    if stored.get("weights_sha256") != teacher["weights_sha256"]:
+        def name(t: dict) -> str:
+            return f"{t.get('checkpoint') or 'random init'}, weights sha256 {str(t.get('weights_sha256'))[:16]}"
+        raise StoreMismatch(
+            f"--resume with other teacher weights than the rows already in {url}: the store holds rows of "
+            f"({name(stored)}), this run has ({name(teacher)}). Resume with the same --checkpoint, or re-create "
+            "the store with --overwrite.")
 
 
 def extract(opts: ExtractOptions) -> dict:
@@ -349,15 +321,16 @@ def extract(opts: ExtractOptions) -> dict:
     cfg = load_config(opts.config, opts.cfg_options)
     if opts.data_root:
         set_data_root(cfg, opts.data_root)
-    init_distributed(opts.launcher)
+    init_distributed(opts.launcher, cfg)
     rank, world = get_dist_info()
     settings = _settings(opts, cfg)
-    from .runtime import check_writable_location
-
     check_writable_location(settings["out"], "--out")  # before the teacher is built
     device = resolve_device(opts.device)
 
-    model = build_teacher(cfg, opts.checkpoint, device)
+    record = config_record(cfg)  # before building: BEVFusion's __init__ pops keys of its config
+    teacher_text = cfg.pretty_text
+    model = build_teacher(cfg, opts.checkpoint, device, trust_checkpoint=opts.trust_checkpoint,
+                          random_init=opts.random_init)
     dataset = build_base_dataset(cfg, settings["split"], pipeline=test_pipeline(cfg))
     tokens, sample_idx = dataset_identity(dataset)
     augmentation, views_dataset = None, None
@@ -380,13 +353,8 @@ def extract(opts: ExtractOptions) -> dict:
         "bevcache_version": __version__,
         "split": settings["split"],
         "dataset": fingerprint_tokens(tokens),
-        "teacher": {
-            "config": str(Path(opts.config)),
-            "model_hash": model_hash(cfg),
-            "checkpoint": str(opts.checkpoint) if opts.checkpoint else None,
-            "checkpoint_sha256": file_sha256(opts.checkpoint) if opts.checkpoint else None,
-        },
-        "teacher_config": cfg.pretty_text,
+        "teacher": _teacher_identity(cfg, opts, record, model),
+        "teacher_config": teacher_text,
         "pipeline": "test",
         **({"augmentation": augmentation} if augmentation else {}),
         "created": datetime.now(timezone.utc).isoformat(),
@@ -394,12 +362,14 @@ def extract(opts: ExtractOptions) -> dict:
     }
     with contextlib.ExitStack() as stack:
         if rank == 0:
-            stack.enter_context(_exclusive_writer(settings["out"]))
+            stack.enter_context(exclusive_writer(settings["out"]))
         return _run(opts, settings, model, source, recorder, layers=layers, tokens=tokens,
-                    sample_idx=sample_idx, metadata=metadata, rank=rank, world=world, device=device)
+                    sample_idx=sample_idx, metadata=metadata, rank=rank, world=world, device=device,
+                    env_cfg=cfg.get("env_cfg"))
 
 
-def _run(opts, settings, model, source, recorder, *, layers, tokens, sample_idx, metadata, rank, world, device) -> dict:
+def _run(opts, settings, model, source, recorder, *, layers, tokens, sample_idx, metadata, rank, world, device,
+         env_cfg) -> dict:
     store = _open_or_create(opts, settings, layers=layers, tokens=tokens, sample_idx=sample_idx,
                             metadata=metadata, rank=rank)
     my_blocks = store.pending_blocks()[rank::world]
@@ -417,32 +387,32 @@ def _run(opts, settings, model, source, recorder, *, layers, tokens, sample_idx,
     writer = _BlockWriter(store)
     block_of = {start: (start, stop) for start, stop in my_blocks}
     block: _PendingBlock | None = None
-    t0, interrupted = time.perf_counter(), False
-    in_main = threading.current_thread() is threading.main_thread()
-    previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main else None  # SIGTERM = Ctrl-C
-    try:
-        batches = [keys for _, keys, _ in plan]
-        for (start, _, last), (keys, data) in zip(plan, teacher_batches(model, source, batches,
-                                                                          int(settings["num_workers"])), strict=True):
-            if block is None or block.start != start:
-                block = _PendingBlock(block_of[start], settings["layers"], num_views)
-            feats = pooled_teacher_features(model, recorder, data, settings["pooling"])
-            block.add(keys, {n: v.float().cpu().numpy() for n, v in feats.items()}, data["data_samples"])
-            if last:
-                writer.put(block.start, **block.finished())
+    t0 = time.perf_counter()
+    # Ctrl-C / SIGTERM: the first one stops after the batch in progress; finished blocks stay durable.
+    with interruptible() as interrupt:
+        try:
+            batches = [keys for _, keys, _ in plan]
+            for (start, _, last), (keys, data) in zip(plan, teacher_batches(
+                    model, source, batches, int(settings["num_workers"]), env_cfg), strict=True):
+                if block is None or block.start != start:
+                    block = _PendingBlock(block_of[start], settings["layers"], num_views)
+                feats = pooled_teacher_features(model, recorder, data, settings["pooling"])
+                block.add(keys, {n: v.float().cpu().numpy() for n, v in feats.items()}, data["data_samples"])
+                if last:
+                    writer.put(block.start, **block.finished())
+                if progress:
+                    progress.update(len(keys))
+                if interrupt.signum is not None:
+                    break
+        except KeyboardInterrupt:  # a second signal: stop at once
+            pass
+        finally:
+            recorder.remove()
             if progress:
-                progress.update(len(keys))
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous_sigterm)
-        recorder.remove()
-        if progress:
-            progress.close()
-        writer.close()  # flush every finished block; a block in flight is never half-written
-    if interrupted:
-        raise StoreError(f"interrupted: {writer.rows_written} rows are durable in {settings['out']}; "
+                progress.close()
+            writer.close()  # flush every finished block; a block in flight is never half-written
+    if interrupt.signum is not None:
+        raise StoreError(f"interrupted by {interrupt.name}: {writer.rows_written} rows are durable in {settings['out']}; "
                          "run the same command with --resume to finish.")
     elapsed = time.perf_counter() - t0
     _barrier()

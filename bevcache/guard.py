@@ -1,4 +1,8 @@
-"""Guards around `bevcache train`'s Runner: Ctrl-C / SIGTERM and resuming against another store.
+"""Interrupts (Ctrl-C / SIGTERM) for extract and train, and resuming against another store.
+
+One mechanism serves both commands: `interruptible()` installs handlers whose first signal only
+sets a flag in an `InterruptState`; extraction checks it between batches (finished blocks stay
+durable), training checks it at the end of every iteration (`TrainGuardHook`).
 
 Interrupts: the first SIGINT or SIGTERM only sets a flag. At the end of the iteration in progress
 (all ranks agree on it under torchrun) `TrainGuardHook` saves a checkpoint, points the work dir's
@@ -22,6 +26,7 @@ import threading
 from pathlib import Path
 
 import torch
+from mmdet3d.registry import HOOKS
 from mmengine.hooks import Hook
 
 from .errors import BevcacheError, StoreMismatch
@@ -76,13 +81,28 @@ def _resume_hint(work_dir: str | Path) -> str:
     return "no checkpoint was saved yet: run the same command again (without --resume) to start over."
 
 
+@HOOKS.register_module()
 class TrainGuardHook(Hook):
-    """Saves a checkpoint and stops after an interrupted iteration; refuses CRD checkpoints of other widths."""
+    """Saves a checkpoint and stops after an interrupted iteration; refuses CRD checkpoints of other widths.
+
+    Given no state (a config's custom_hooks), it installs the signal handlers itself for the run.
+    """
 
     priority = "LOWEST"  # after CheckpointHook, so a checkpoint it just saved is not saved twice
 
     def __init__(self, state: InterruptState | None = None) -> None:
         self.state = state or InterruptState()
+        self._own_handlers = state is None
+        self._previous: dict = {}
+
+    def before_run(self, runner) -> None:
+        if self._own_handlers and threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self.state.handle) for s in _SIGNALS}
+
+    def after_run(self, runner) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
 
     def _stop_requested(self) -> bool:
         import torch.distributed as dist
@@ -118,12 +138,14 @@ class TrainGuardHook(Hook):
         model = runner.model.module if hasattr(runner.model, "module") else runner.model
         if not hasattr(model, "crd"):
             return
-        own = model.state_dict()
         state = checkpoint.get("state_dict", checkpoint)
-        wrong = [f"{k} {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} now"
-                 for k, v in state.items()
-                 if k.removeprefix("module.").startswith("crd.") and k in own and hasattr(v, "shape")
-                 and tuple(v.shape) != tuple(own[k].shape)]
+        wrong = []
+        for name, crd in model.crd.items():  # a lazy embedding's width is only known from its checkpoint
+            for side, dim in (("s", crd.student_dim), ("t", crd.teacher_dim)):
+                weight = state.get(f"crd.{name}.embed_{side}.weight", state.get(f"module.crd.{name}.embed_{side}.weight"))
+                if dim and weight is not None and tuple(weight.shape) != (crd.feat_dim, dim):
+                    wrong.append(f"crd.{name}.embed_{side}.weight {tuple(weight.shape)} in the checkpoint, "
+                                 f"{(crd.feat_dim, dim)} now")
         if wrong:
             raise StoreMismatch(
                 f"the checkpoint does not fit this run's CRD widths ({'; '.join(wrong[:3])}): it was trained "

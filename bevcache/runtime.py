@@ -1,10 +1,11 @@
-"""Process set-up shared by every command: registries, the spconv shim, configs, devices."""
+"""Process set-up shared by every command: registries, configs and overrides, devices, process groups."""
 
 from __future__ import annotations
 
 import ast
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -15,38 +16,39 @@ _READY = False
 
 
 def setup_runtime() -> None:
-    """Register mmdet3d and bevcache modules and apply the CPU shim (idempotent)."""
+    """Register mmdet3d's modules and make it the default scope (idempotent); bevcache's own
+    components and shims are registered by importing the package."""
     global _READY
     if _READY:
         return
     from mmdet3d.utils import register_all_modules
     from mmengine.registry import init_default_scope
 
-    from . import compat
-
     register_all_modules(init_default_scope=False)
     init_default_scope("mmdet3d")
-    compat.patch_spconv_for_cpu()
-    # registers CRDDistiller, SafeNuScenesMetric, ReplayViewsDataset and ReplayEpochHook
-    from . import distiller, evaluation, replay  # noqa: F401
-
     _READY = True
 
 
-def parse_cfg_options(options: tuple[str, ...] | list[str] | None) -> dict:
-    """Parse `key=value` overrides the way mmengine's DictAction does, with a clear error."""
+def parse_cfg_options(options: Sequence[str] | dict | None) -> dict:
+    """Parse `key=value` overrides with mmengine's own `--cfg-options` semantics (DictAction)."""
+    import argparse
+
     from mmengine.config import DictAction
 
-    result: dict = {}
-    for item in options or ():
-        if "=" not in item:
-            raise ConfigError(f"--cfg-options expects key=value pairs (e.g. train_cfg.max_epochs=2). Got {item!r}.")
-        key, value = item.split("=", 1)
-        if not key:
-            raise ConfigError(f"--cfg-options: empty key in {item!r}.")
-        # Dict literals (e.g. layers={'pts_neck': 'pts_neck'}) are Python; the rest as mmengine parses.
-        result[key] = ast.literal_eval(value) if value.lstrip().startswith("{") else DictAction._parse_iterable(value)
-    return result
+    if isinstance(options, dict):
+        return dict(options)
+    items = [str(o) for o in options or ()]
+    if not items:
+        return {}
+    bad = [o for o in items if "=" not in o or o.startswith("=")]
+    if bad:
+        raise ConfigError(f"--cfg-options expects key=value pairs (e.g. train_cfg.max_epochs=2). Got {bad[0]!r}.")
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--cfg-options", nargs="+", action=DictAction)
+    parsed = dict(parser.parse_args(["--cfg-options", *items]).cfg_options)
+    # Beyond DictAction: a dict literal (e.g. layers={'pts_neck': 'pts_backbone'}) is Python.
+    return {k: ast.literal_eval(v) if isinstance(v, str) and v.lstrip().startswith("{") else v
+            for k, v in parsed.items()}
 
 
 def load_config(path: str | os.PathLike, cfg_options: tuple[str, ...] | list[str] | None = None):
@@ -124,26 +126,65 @@ def resolve_device(device: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(launcher: str) -> None:
-    """Join the torchrun process group: NCCL on GPUs, gloo on CPU.
+LAUNCHERS = ("none", "pytorch", "slurm", "mpi")
 
-    mmengine's `init_dist` always calls `torch.cuda.set_device`, which a CPU-only torch lacks,
-    so on CPU the gloo group is made here and the Runner, seeing it, does not make another.
+
+def _cpu_rank_env(launcher: str) -> None:
+    """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from a slurm or MPI job's environment, for gloo on CPU.
+
+    mmengine's slurm and mpi paths cannot run on a CPU-only torch: both call
+    `torch.cuda.set_device` (slurm with `proc_id % torch.cuda.device_count()`, a division by zero
+    without GPUs), and the slurm path asks `scontrol` for the first host. On CPU we read the same
+    variables mmengine reads and hand them to torch's env:// rendezvous.
+    """
+    if launcher == "slurm":
+        rank, world = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
+        local = int(os.environ.get("SLURM_LOCALID", rank))
+        nodes = os.environ.get("SLURM_NODELIST", "127.0.0.1")
+        if "MASTER_ADDR" not in os.environ:
+            import shutil
+            import subprocess
+
+            if shutil.which("scontrol"):
+                nodes = subprocess.getoutput(f"scontrol show hostname {nodes} | head -n1")
+            elif "[" in nodes or "," in nodes:
+                raise ConfigError(f"SLURM_NODELIST={nodes!r} needs `scontrol` to find the first host; set MASTER_ADDR.")
+            os.environ["MASTER_ADDR"] = nodes
+    else:  # OpenMPI's variables, as mmengine's _init_dist_mpi reads them
+        rank, world = int(os.environ["OMPI_COMM_WORLD_RANK"]), int(os.environ["OMPI_COMM_WORLD_SIZE"])
+        local = int(os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", rank))
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
+
+
+def init_distributed(launcher: str, cfg=None) -> None:
+    """Join the job's process group with mmengine's `init_dist` (NCCL on GPUs); gloo on CPU.
+
+    The collective timeout is mmengine's own setting, `env_cfg.dist_cfg.timeout` (seconds;
+    default 1800): a collective waits that long for a stuck peer, then fails. A peer that dies is
+    noticed sooner (torchrun/slurm stop the other ranks).
     """
     import torch.distributed as dist
 
+    if launcher not in LAUNCHERS:
+        raise ConfigError(f"launcher must be one of {list(LAUNCHERS)}. Got {launcher!r}.")
     if launcher == "none" or dist.is_initialized():
         return
-    if launcher != "pytorch":
-        raise ConfigError(f"launcher must be one of ['none', 'pytorch']. Got {launcher!r}.")
-    # A collective (barrier, all_reduce) waits at most this long for a stuck peer, then fails. A
-    # peer that dies is noticed sooner: torchrun then stops the other ranks.
-    from datetime import timedelta
+    dist_cfg = dict(((cfg or {}).get("env_cfg") or {}).get("dist_cfg") or {})
+    seconds = int(dist_cfg.pop("timeout", 1800))
+    try:
+        if torch.cuda.is_available():
+            from mmengine.dist import init_dist
 
-    seconds = int(os.environ.get("BEVCACHE_DIST_TIMEOUT_S", 1800))
-    if torch.cuda.is_available():
-        from mmengine.dist import init_dist
+            dist_cfg.setdefault("backend", "nccl")
+            init_dist(launcher, timeout=seconds, **dist_cfg)  # mmengine takes seconds
+            return
+        if launcher != "pytorch":
+            _cpu_rank_env(launcher)
+        from datetime import timedelta
 
-        init_dist(launcher, backend="nccl", timeout=seconds)  # mmengine takes seconds
-    else:
         dist.init_process_group(backend="gloo", timeout=timedelta(seconds=seconds))
+    except KeyError as exc:
+        raise ConfigError(f"--launcher {launcher}: the environment lacks {exc}; start the command with "
+                          f"{'torchrun' if launcher == 'pytorch' else 'srun' if launcher == 'slurm' else 'mpirun'}.") from None

@@ -18,6 +18,15 @@ data_prefix = dict(pts='samples/LIDAR_TOP', sweeps='sweeps/LIDAR_TOP', img='')
 load_points = dict(type='LoadPointsFromFile', coord_type='LIDAR', load_dim=5, use_dim=4,
                    backend_args=backend_args)
 pack_keys = ['points', 'gt_bboxes_3d', 'gt_labels_3d']
+# Pack3DDetInputs' default meta keys plus 'token' (and BEVFusion's 'lidar_aug_matrix'): a distilled
+# student looks its teacher row up by 'sample_idx' and checks it against the stored 'token'.
+pack_meta_keys = (
+    'img_path', 'ori_shape', 'img_shape', 'lidar2img', 'depth2img', 'cam2img', 'pad_shape', 'scale_factor',
+    'flip', 'pcd_horizontal_flip', 'pcd_vertical_flip', 'box_mode_3d', 'box_type_3d', 'img_norm_cfg',
+    'num_pts_feats', 'pcd_trans', 'sample_idx', 'pcd_scale_factor', 'pcd_rotation', 'pcd_rotation_angle',
+    'lidar_path', 'transformation_3d_flow', 'trans_mat', 'affine_aug', 'sweep_img_metas', 'ori_cam2img',
+    'cam2global', 'crop_offset', 'img_crop_offset', 'resize_img_shape', 'lidar2cam', 'ori_lidar2img',
+    'num_ref_frames', 'num_views', 'ego2global', 'axis_align_matrix', 'token', 'lidar_aug_matrix')
 # Deterministic by default: cached teacher features describe the un-augmented sample.
 train_pipeline = [
     load_points,
@@ -25,7 +34,7 @@ train_pipeline = [
     dict(type='PointsRangeFilter', point_cloud_range=point_cloud_range),
     dict(type='ObjectRangeFilter', point_cloud_range=point_cloud_range),
     dict(type='ObjectNameFilter', classes=class_names),
-    dict(type='Pack3DDetInputs', keys=pack_keys),
+    dict(type='Pack3DDetInputs', keys=pack_keys, meta_keys=pack_meta_keys),
 ]
 # The teachers' augmented training pipeline (random rotation/scale, flips, point order). A student
 # that replays cached augmented views (distill.augmentation='replay') must use exactly this one.
@@ -40,7 +49,7 @@ augmented_train_pipeline = [
     dict(type='ObjectRangeFilter', point_cloud_range=point_cloud_range),
     dict(type='ObjectNameFilter', classes=class_names),
     dict(type='PointShuffle'),
-    dict(type='Pack3DDetInputs', keys=pack_keys),
+    dict(type='Pack3DDetInputs', keys=pack_keys, meta_keys=pack_meta_keys),
 ]
 test_pipeline = [
     load_points,

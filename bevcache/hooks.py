@@ -1,0 +1,83 @@
+"""The mmengine hooks a distillation run uses, registered in mmdet3d's HOOKS.
+
+- `DistillationHook` (required by CRDDistiller): checks the training data against the distiller
+  at before_train (bevcache.wiring) and, with augmentation replay, tells the replay wrapper the
+  epoch before each one so every epoch draws fresh views.
+- `StudentExportHook`: at the end of training, rank 0 writes the plain student's weights
+  (`student_weights.pth` in the work dir), loadable by the student config without bevcache.
+- `TrainGuardHook` (bevcache.guard): Ctrl-C / SIGTERM checkpoint and resume guard.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mmdet3d.registry import HOOKS
+from mmengine.hooks import Hook
+
+from .errors import ConfigError
+from .replay import find_replay_dataset
+
+
+def unwrap_model(model):
+    """The model inside a DDP (or other) wrapper."""
+    return model.module if hasattr(model, "module") else model
+
+
+@HOOKS.register_module()
+class DistillationHook(Hook):
+    """Data checks at before_train; replay epochs. Iteration-based loops count a pass of
+    len(dataloader) iterations as an epoch; batches prefetched across a pass boundary keep the
+    previous pass's views, and the lookup stays exact because each sample carries its view id."""
+
+    priority = "VERY_HIGH"
+
+    def __init__(self) -> None:
+        self._iters_per_pass: int | None = None  # set for iteration-based loops only
+
+    def before_train(self, runner) -> None:
+        from mmengine.runner import EpochBasedTrainLoop
+
+        model = unwrap_model(runner.model)
+        if not hasattr(model, "attach_train_data"):
+            raise ConfigError(f"DistillationHook needs a CRDDistiller model; this config's model is "
+                              f"{type(model).__name__}. Remove the hook or set model=dict(type='CRDDistiller', ...).")
+        model.attach_train_data(runner.train_dataloader.dataset)
+        if not isinstance(runner.train_loop, EpochBasedTrainLoop):
+            self._iters_per_pass = max(len(runner.train_dataloader), 1)
+
+    def before_train_epoch(self, runner) -> None:
+        self._set_epoch(runner, runner.epoch)
+
+    def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
+        if self._iters_per_pass:
+            self._set_epoch(runner, runner.iter // self._iters_per_pass)
+
+    @staticmethod
+    def _set_epoch(runner, epoch: int) -> None:
+        replay = find_replay_dataset(runner.train_dataloader.dataset)
+        if replay is not None and replay.epoch != epoch:
+            replay.set_epoch(epoch)
+
+
+@HOOKS.register_module()
+class StudentExportHook(Hook):
+    """After training, rank 0 saves the plain student's weights to `<work_dir>/<filename>`."""
+
+    priority = "LOWEST"
+
+    def __init__(self, filename: str = "student_weights.pth") -> None:
+        self.filename = filename
+
+    def after_train(self, runner) -> None:
+        from mmengine.dist import is_main_process
+
+        from mmengine.runner import save_checkpoint
+
+        from .teacher import student_state_dict
+
+        if is_main_process():
+            path = Path(runner.work_dir) / self.filename
+            state = student_state_dict(unwrap_model(runner.model).state_dict())  # keeps spconv's _metadata
+            save_checkpoint({"state_dict": state, "meta": {"exported_from": str(runner.work_dir)}}, str(path))
+            runner.logger.info(f"student weights (loadable without bevcache): {path}")

@@ -1,0 +1,114 @@
+"""Does the training data fit the distiller? Checked where the data is, whatever launched the run.
+
+`check_train_data` runs at `before_train` (DistillationHook), on every rank, before any loader
+worker starts, so mmdet3d's `tools/train.py`, `Runner.from_cfg` and `bevcache train` all get it:
+- the base dataset's ordered tokens are the store's (same length, same sha256), or for the online
+  reference, its length is the distiller's `num_data`;
+- every sample will carry `sample_idx` and `token` (Pack3DDetInputs.meta_keys), the row lookup
+  and its per-sample check;
+- the augmentation policy is honoured: `drop` strips exactly the pipeline's random transforms
+  (found empirically, bevcache.pipeline) and says so; `keep` says what it costs; `replay` needs
+  the ReplayViewsDataset wrapper around the base dataset, made with the store's pipeline.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mmengine.logging import print_log
+
+from .data import dataset_identity
+from .errors import ConfigError, StoreMismatch
+from .replay import find_replay_dataset
+from .store import fingerprint_tokens
+
+INDEX_META_KEYS = ("sample_idx", "token")
+
+
+def base_dataset(dataset: Any) -> Any:
+    """The innermost dataset under index-preserving wrappers (CBGS, Repeat, ClassBalanced, replay)."""
+    while hasattr(dataset, "dataset"):
+        dataset = dataset.dataset
+    return dataset
+
+
+def _pack_step(pipeline: Any):
+    for step in getattr(pipeline, "transforms", []):
+        if type(step).__name__ == "Pack3DDetInputs":
+            return step
+    return None
+
+
+def check_index_meta(dataset: Any) -> None:
+    """Refuse a train pipeline whose packed samples would lack sample_idx or token."""
+    pack = _pack_step(dataset.pipeline)
+    if pack is None:
+        raise ConfigError("the train pipeline has no Pack3DDetInputs step: add "
+                          "dict(type='Pack3DDetInputs', keys=[...], meta_keys=(..., 'sample_idx', 'token')) at its end.")
+    missing = [k for k in INDEX_META_KEYS if k not in tuple(pack.meta_keys)]
+    if missing:
+        raise ConfigError(
+            f"the train pipeline's Pack3DDetInputs drops {missing} from each sample's metainfo, so the store row "
+            "(sample_idx) and its identity check (token) cannot be made: add them to its meta_keys, e.g. "
+            "dict(type='Pack3DDetInputs', keys=[...], meta_keys=Pack3DDetInputs' defaults + ('sample_idx', 'token')). "
+            "`bevcache train` adds them itself.")
+
+
+def check_train_data(distiller: Any, dataset: Any) -> None:
+    """All data-side checks of a CRDDistiller; applies its augmentation policy to the built pipeline."""
+    base = base_dataset(dataset)
+    tokens, _ = dataset_identity(base)
+    if len(tokens) != distiller.num_data:
+        where = f"the store {distiller.cache}" if distiller.cache else "the distiller's num_data"
+        raise StoreMismatch(f"the training set has {len(tokens)} samples but {where} has {distiller.num_data} rows: "
+                            + ("re-run `bevcache extract` on this dataset." if distiller.cache
+                               else "set num_data to the training set's length."))
+    if distiller.cache:
+        mine = fingerprint_tokens(tokens)["sha256"]
+        theirs = distiller.store_fingerprint.get("sha256")
+        if mine != theirs:
+            first = next((i for i, (a, b) in enumerate(zip(tokens, distiller.store_tokens)) if a != b), None)
+            raise StoreMismatch(
+                f"the training set is not the dataset the store {distiller.cache} was extracted from (token sha256 "
+                f"{mine[:12]} vs {str(theirs)[:12]}; first different row {first}: {tokens[first]!r} vs "
+                f"{distiller.store_tokens[first]!r}); re-run `bevcache extract` on this dataset.")
+    check_index_meta(base)
+    _apply_augmentation_policy(distiller, dataset, base)
+
+
+def _apply_augmentation_policy(distiller: Any, dataset: Any, base: Any) -> None:
+    from .pipeline import random_transform_steps, strip_built_steps
+
+    replay = find_replay_dataset(dataset)
+    policy = distiller.augmentation
+    if policy == "replay":
+        if replay is None:
+            raise ConfigError(
+                "augmentation='replay' needs the base train dataset wrapped in ReplayViewsDataset: "
+                "train_dataloader.dataset=dict(type='ReplayViewsDataset', dataset=<the base dataset>) "
+                "(inside CBGS/Repeat wrappers); `bevcache train` wraps it itself.")
+        if distiller.cache:
+            replay.bind(num_views=distiller.num_views, recorded=distiller.view_record, where=distiller.cache)
+        else:
+            replay.bind(num_views=distiller.num_views, recorded=None, where="the online teacher")
+        print_log(f"distillation: replaying {replay.num_views} augmented views per sample", logger="current")
+        return
+    if replay is not None:
+        raise ConfigError(f"the train dataset is wrapped in ReplayViewsDataset but augmentation={policy!r}: "
+                          "set augmentation='replay', or remove the wrapper.")
+    steps = random_transform_steps(base)
+    if not steps:
+        return
+    names = [s.name for s in steps]
+    if policy == "drop":
+        strip_built_steps(base, steps)
+        print_log(f"distillation: DROPPED the random train transforms {names} (augmentation='drop'): the student "
+                  "trains without augmentation, which can leave it below a plain augmented student; "
+                  "'replay' (a store with --views K) distils on augmented inputs", logger="current", level=30)
+    elif distiller.cache:
+        print_log(f"distillation: keeping the random train transforms {names} although the cached teacher "
+                  "features describe the un-augmented sample (augmentation='keep'); 'replay' avoids that",
+                  logger="current", level=30)
+    else:
+        print_log(f"distillation: keeping the random train transforms {names}; the online teacher sees the same "
+                  "augmented batch (augmentation='keep')", logger="current")
