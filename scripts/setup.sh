@@ -71,11 +71,13 @@ fi
 step 5 "OpenMMLab packages (--no-deps: their declared deps pull open3d/tensorboard/opencv-python)"
 "${PIPC[@]}" --no-deps mmengine mmdet mmdet3d lyft_dataset_sdk nuscenes-devkit
 
+# crc32c: zarr's CRC32C codec imports it; google-crc32c: numcodecs' checksums prefer it and warn
+# ("crc32c usage is deprecated") on every command when only crc32c is there.
 step 6 "runtime dependencies (explicit list; the real imports of mmdet/mmdet3d/nuscenes-devkit; s3fs, moto for S3 stores)"
 "${PIPC[@]}" "$TORCH_SPEC" numpy spconv zarr numcodecs click \
   pycocotools scipy six terminaltables cachetools descartes fire parameterized scikit-learn \
   pandas numba networkx trimesh plyfile scikit-image pyquaternion shapely \
-  addict yapf termcolor rich matplotlib pillow pyyaml tqdm fsspec crc32c \
+  addict yapf termcolor rich matplotlib pillow pyyaml tqdm fsspec crc32c google-crc32c \
   pytest pytest-timeout ruff hypothesis \
   s3fs "moto[server]"
 
