@@ -1,6 +1,7 @@
 """A store on S3 (moto's server on 127.0.0.1): extract (kill -9 + resume), info, verify and train
 against s3://bucket/features.zarr, configured only by the standard AWS environment; the secret
-never shows in output, logs, checkpoints or the store."""
+never shows in output, logs, checkpoints or the store. Spatial layers (sharded maps) on S3 keep
+the same guarantees."""
 
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ import socket
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from bevcache.store import open_store
 
 from .conftest import REPO, bevcache_cmd
+from .fault_injection import killed_cmd
+from .test_store_spatial import SPATIAL, make_spatial_store, run_kill_child, write_blocks
 from .test_extract import teacher_ckpt  # noqa: F401  (module fixture reused)
 from .test_reliability import ITER_STUDENT, STUDENT, _extract_args, neck_store  # noqa: F401
 
@@ -52,9 +56,11 @@ def s3():
             os.environ[key] = value
 
 
-def run(*args: str, env_extra: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def run(*args: str, env_extra: dict | None = None, timeout: int = 300, kill_after_blocks: int | None = None
+        ) -> subprocess.CompletedProcess:
     env = {**os.environ, **(env_extra or {})}
-    return subprocess.run(bevcache_cmd(*args), cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    cmd = killed_cmd(kill_after_blocks, *args) if kill_after_blocks else bevcache_cmd(*args)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def no_secret(*texts: str) -> None:
@@ -65,7 +71,7 @@ def no_secret(*texts: str) -> None:
 def test_extract_info_verify_and_train_on_s3(s3, data_root, teacher_ckpt, neck_store, tmp_path):  # noqa: F811
     url = "s3://bucket/features.zarr"
     args = _extract_args(data_root, teacher_ckpt, url)
-    killed = run(*args, env_extra={"BEVCACHE_KILL_AFTER_BLOCKS": "1"})
+    killed = run(*args, kill_after_blocks=1)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert "not locked against a second writer" in killed.stderr  # remote stores have no lock file
     partial = open_store(url)
@@ -120,6 +126,33 @@ def test_an_unreachable_endpoint_is_one_line(s3, data_root, teacher_ckpt):  # no
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1, result.stderr
     no_secret(result.stdout, result.stderr)
+
+
+def test_spatial_layers_on_s3_survive_kill_9_and_name_damaged_rows(s3, tmp_path):
+    reference = make_spatial_store(tmp_path, views=2)
+    write_blocks(reference)
+    url = "s3://bucket/spatial.zarr"
+    make_spatial_store(tmp_path, views=2, url=url)
+    run_kill_child(url, "observer", tmp_path)  # SIGKILLed by a write observer after 2 of 3 blocks
+    store = open_store(url, mode="r+")
+    assert store.pending_blocks() == [(8, 10)] and all("not written" in p for p in store.verify())
+    write_blocks(store, store.pending_blocks())
+    reader = open_store(url)
+    assert reader.verify() == []
+    for name in SPATIAL:
+        for views in (None, [1] * 10, [2] * 10):
+            np.testing.assert_array_equal(reader.read_spatial(name, np.arange(10), views),
+                                          reference.read_spatial(name, np.arange(10), views))
+    assert reader.info()["spatial"]["pts_neck"]["bytes_on_disk"] > 0
+
+    key = "spatial.zarr/spatial/pts_neck/c/1/0/0/0"
+    shard = bytearray(s3.get_object(Bucket="bucket", Key=key)["Body"].read())
+    shard[5] ^= 0x10  # inside row 4's inner chunk
+    s3.put_object(Bucket="bucket", Key=key, Body=bytes(shard))
+    damaged = open_store(url)
+    problems = damaged.verify()
+    assert len(problems) == 1 and "spatial/pts_neck" in problems[0] and "rows 4 cannot be read" in problems[0]
+    np.testing.assert_array_equal(damaged.read_spatial("pts_neck", [5]), reference.read_spatial("pts_neck", [5]))
 
 
 def test_the_s3_stack_is_pinned_and_declared():

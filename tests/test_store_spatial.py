@@ -27,8 +27,8 @@ SPATIAL = {"pts_neck": GRID, "pts_backbone.blocks.1": (3, 4, 4)}
 
 
 def make_spatial_store(tmp_path: Path, *, n: int = 10, chunk_rows: int = 4, views: int = 0,
-                       name: str = "spatial.zarr", **kw):
-    return create_store(str(tmp_path / name), num_samples=n, layers=LAYERS[:1], dtype="float32",
+                       name: str = "spatial.zarr", url: str | None = None, **kw):
+    return create_store(url or str(tmp_path / name), num_samples=n, layers=LAYERS[:1], dtype="float32",
                         tokens=tokens_for(n), sample_idx=list(range(n)), metadata={"split": "train"},
                         chunk_rows=chunk_rows, views=views, spatial=SPATIAL, **kw)
 
@@ -327,16 +327,21 @@ KILL_CHILD = textwrap.dedent("""
 """) % {"layers": list(SPATIAL)}
 
 
+def run_kill_child(url: str, mode: str, cwd: Path) -> None:
+    """Run KILL_CHILD on the store at url (local or s3://) and check that it died by SIGKILL."""
+    path = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)]))
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    child = subprocess.run([sys.executable, "-c", KILL_CHILD, url, mode], env=env, cwd=cwd,
+                           capture_output=True, text=True, timeout=300)
+    assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
+
+
 @pytest.mark.parametrize("mode", ["observer", "tear"])
 def test_kill_9_while_writing_spatial_blocks_then_resume_is_identical(tmp_path, mode):
     reference = make_spatial_store(tmp_path, name="reference.zarr", views=2)
     write_blocks(reference)
     store = make_spatial_store(tmp_path, views=2)
-    path = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)]))
-    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
-    child = subprocess.run([sys.executable, "-c", KILL_CHILD, store.url, mode], env=env, cwd=tmp_path,
-                           capture_output=True, text=True, timeout=300)
-    assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
+    run_kill_child(store.url, mode, tmp_path)
 
     after = open_store(store.url, mode="r+")
     assert after.pending_blocks() == ([(8, 10)] if mode == "observer" else [(4, 8), (8, 10)])
