@@ -10,7 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from bevcache.errors import StoreError
+from bevcache.errors import FeatureValueError, StoreError
 from bevcache.store import add_write_observer, exclusive_writer, open_store, remove_write_observer
 from bevcache.store.location import is_remote, local_root
 
@@ -74,8 +74,8 @@ def test_write_observers_run_after_each_durable_block(tmp_path):
     try:
         for s, e in [(16, 32), (0, 16)]:
             store.write_block(s, {k: v[s:e] for k, v in full.items()})
-        with pytest.raises(Exception):  # a refused block is not reported
-            store.write_block(32, {"pts_neck": np.full((16, 16), np.nan)})
+        with pytest.raises(FeatureValueError):  # a refused block is not reported
+            store.write_block(32, {k: np.full_like(v[32:48], np.nan) for k, v in full.items()})
     finally:
         remove_write_observer(observer)
     store.write_block(32, {k: v[32:48] for k, v in full.items()})

@@ -17,7 +17,7 @@ import pytest
 import zarr
 
 from bevcache.errors import FeatureValueError, StoreError, StoreMismatch
-from bevcache.store import LayerSpec, SpatialSpec, create_store, open_store
+from bevcache.store import SpatialSpec, create_store, open_store
 
 from .test_store import LAYERS, features_for, tokens_for
 

@@ -27,7 +27,15 @@ from .create import create_store, open_store
 from .feature_store import FeatureStore
 from .location import exclusive_writer, store_exists
 from .observers import add_write_observer, remove_write_observer
-from .spec import DTYPES, FORMAT_VERSION, POOLINGS, RESERVED, LayerSpec, SpatialSpec, fingerprint_tokens
+from .spec import (
+    DTYPES,
+    FORMAT_VERSION,
+    POOLINGS,
+    RESERVED,
+    LayerSpec,
+    SpatialSpec,
+    fingerprint_tokens,
+)
 
 __all__ = [
     "DTYPES", "FORMAT_VERSION", "POOLINGS", "RESERVED", "FeatureStore", "LayerSpec", "SpatialSpec",

@@ -12,7 +12,15 @@ from ..errors import ConfigError, StoreError
 from .feature_store import FeatureStore
 from .layout import Layout
 from .location import holds_anything, make_store, open_group, store_exists
-from .spec import RESERVED, LayerSpec, SpatialSpec, check_json, fingerprint_tokens, parse_dtype, parse_spatial
+from .spec import (
+    RESERVED,
+    LayerSpec,
+    SpatialSpec,
+    check_json,
+    fingerprint_tokens,
+    parse_dtype,
+    parse_spatial,
+)
 
 
 def _count(value: object, what: str, minimum: int) -> int:

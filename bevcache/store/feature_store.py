@@ -16,7 +16,7 @@ from . import inspect, writing
 from .arrays import Arrays
 from .layout import Layout
 from .messages import damage_text, incomplete_text, rows_text, why
-from .spec import FORMAT_VERSION, RESERVED, LayerSpec, check_json, decode_tokens, parse_dtype
+from .spec import FORMAT_VERSION, RESERVED, LayerSpec, check_json, decode_tokens
 
 
 class FeatureStore:

@@ -10,7 +10,15 @@ import numpy as np
 from ..errors import StoreError
 from .location import array_bytes_on_disk, bytes_on_disk
 from .messages import MAX_LISTED, RECREATE, damage_text, rows_text
-from .spec import SPATIAL_DTYPE, LayerSpec, check_json, decode_tokens, fingerprint_tokens, parse_dtype, parse_spatial
+from .spec import (
+    SPATIAL_DTYPE,
+    LayerSpec,
+    check_json,
+    decode_tokens,
+    fingerprint_tokens,
+    parse_dtype,
+    parse_spatial,
+)
 
 if TYPE_CHECKING:
     from .feature_store import FeatureStore
