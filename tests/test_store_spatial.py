@@ -5,6 +5,7 @@ kill -9 + resume identical, damage named by row)."""
 import json
 import multiprocessing
 import os
+import pickle
 import random
 import signal
 import subprocess
@@ -141,18 +142,20 @@ def test_read_spatial_touches_only_each_rows_inner_chunk(tmp_path, monkeypatch):
     assert {r[0] for r in reads} - {r[0] for r in shard_reads} <= {"complete/c/1"}  # and its mask chunk
 
 
-def _read_in_child(url: str, rows: list[int]) -> list:
-    return open_store(url).read_spatial("pts_neck", rows).tolist()
+def _read_in_child(store, rows: list[int]) -> list:
+    return store.read_spatial("pts_neck", rows).tolist()
 
 
-def test_read_spatial_in_forked_loader_workers(tmp_path):
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_read_spatial_in_loader_workers(tmp_path, start):
     store = make_spatial_store(tmp_path)
     write_blocks(store)
     reader = open_store(store.url)
     reader.read_spatial("pts_neck", [0])  # the parent has used zarr's event loop before forking
-    with multiprocessing.get_context("fork").Pool(1) as pool:
-        got = pool.starmap(_read_in_child, [(store.url, [1, 8]), (store.url, [9])])
+    with multiprocessing.get_context(start).Pool(1) as pool:  # spawn: the store is pickled as its URL
+        got = pool.starmap(_read_in_child, [(reader, [1, 8]), (reader, [9])])
     np.testing.assert_array_equal(np.array(got[0], np.float16), smooth_maps(10, GRID).astype(np.float16)[[1, 8]])
+    assert pickle.loads(pickle.dumps(store)).__repr__() == repr(store)  # mode r+ kept
 
 
 def test_views_are_read_by_view_number(tmp_path):

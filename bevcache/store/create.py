@@ -110,11 +110,12 @@ def create_store(
     layout.create_arrays(group, tokens=token_table, sample_idx=np.asarray(sample_idx, dtype=np.int64))
     meta["layout_ready"] = True
     group.attrs["bevcache"] = meta
-    return FeatureStore(url, group=group, mode="r+")
+    return FeatureStore(url, group=group, mode="r+", storage_options=storage_options)
 
 
 def open_store(url: str, *, mode: str = "r", storage_options: dict | None = None) -> FeatureStore:
     """Open an existing store ("r" read-only, "r+" to write blocks); reads metadata only."""
     if mode not in ("r", "r+"):
         raise ConfigError(f"mode must be one of ['r', 'r+']. Got {mode!r}.")
-    return FeatureStore(url, group=open_group(url, mode=mode, storage_options=storage_options), mode=mode)
+    group = open_group(url, mode=mode, storage_options=storage_options)
+    return FeatureStore(url, group=group, mode=mode, storage_options=storage_options)

@@ -22,9 +22,9 @@ from .spec import FORMAT_VERSION, RESERVED, LayerSpec, check_json, decode_tokens
 class FeatureStore:
     """An opened store (see bevcache.store for its layout and guarantees)."""
 
-    def __init__(self, url: str, *, group: zarr.Group, mode: str) -> None:
+    def __init__(self, url: str, *, group: zarr.Group, mode: str, storage_options: dict | None = None) -> None:
         self.url = str(url)
-        self._group, self._mode = group, mode
+        self._group, self._mode, self._storage_options = group, mode, storage_options
         meta = group.attrs.get("bevcache")
         if not isinstance(meta, dict):
             raise StoreError(f"{url} is a zarr group but not a bevcache store (no 'bevcache' attributes): "
@@ -45,6 +45,10 @@ class FeatureStore:
         self.arrays = Arrays(self.url, group, self.layout)
         self.num_samples, self.chunk_rows, self.dtype = self.layout.num_samples, self.layout.chunk_rows, self.layout.dtype
         self.layers, self.spatial, self.num_views = self.layout.layers, self.layout.spatial, self.layout.views
+
+    def __reduce__(self) -> tuple:
+        # Pickled (e.g. into spawned loader workers) as its URL: the copy reopens the store.
+        return _reopen, (self.url, self._mode, self._storage_options)
 
     def __repr__(self) -> str:
         return (f"FeatureStore({self.url!r}, mode={self._mode!r}, num_samples={self.num_samples}, "
@@ -255,3 +259,9 @@ class FeatureStore:
                 f"array {path} of store {self.url}: rows {rows_text(lost)} are marked complete but hold "
                 "no data (chunk files missing); run `bevcache verify`, then reset those blocks and resume."
             )
+
+
+def _reopen(url: str, mode: str, storage_options: dict | None) -> FeatureStore:
+    from .create import open_store  # create imports this module
+
+    return open_store(url, mode=mode, storage_options=storage_options)
