@@ -1,9 +1,10 @@
 # Half-width BEVFusion LiDAR student (pts_neck 256 channels vs the teacher's 512), distilled with
 # CRD from the cached teacher store:
 #   bevcache train --student configs/bevfusion/student_lidar.py --cache work_dirs/teacher_lidar/features.zarr
-_base_ = ['{{$MMDET3D_ROOT:../mmdetection3d}}/projects/BEVFusion/configs/bevfusion_lidar_voxel0075_second_secfpn_8xb4-cyclic-20e_nus-3d.py']
-custom_imports = dict(imports=['projects.BEVFusion.bevfusion', 'bevcache.evaluation'], allow_failed_imports=False)
-# (backend_args: see teacher_lidar.py)
+_base_ = ['{{$MMDET3D_ROOT:../../../mmdetection3d}}/projects/BEVFusion/configs/bevfusion_lidar_voxel0075_second_secfpn_8xb4-cyclic-20e_nus-3d.py']
+custom_imports = dict(imports=['bevcache.bevfusion_cpu', 'projects.BEVFusion.bevfusion', 'bevcache.evaluation'],
+                      allow_failed_imports=False)
+# (data and checkout: see teacher_lidar.py)
 
 model = dict(
     pts_backbone=dict(out_channels=[64, 128]),

@@ -1,0 +1,346 @@
+"""The real BEVFusion-L teacher (mmdetection3d's projects/BEVFusion, LiDAR-only) through bevcache on CPU.
+
+Skipped unless an mmdetection3d checkout is found ($MMDET3D_ROOT, else ../mmdetection3d beside the
+repository). Everything runs on the reduced grid of configs/bevfusion/*_small.py (384 voxels per
+side: a 48 x 48 BEV map, ~1.2 s per teacher forward on 2 threads), batch 1, 4 training samples,
+through the `bevcache` command line with `--data-root` pointing at `bevcache synth` output; the
+subprocesses get MMDET3D_ROOT only (bevcache.bevfusion_cpu finds the checkout from it).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from .conftest import CONFIGS, REPO, bevcache_cmd
+
+
+def _find_checkout() -> Path | None:
+    for root in (os.environ.get("MMDET3D_ROOT"), REPO.parent / "mmdetection3d"):
+        if root and (Path(root) / "projects" / "BEVFusion" / "bevfusion" / "__init__.py").is_file():
+            return Path(root).resolve()
+    return None
+
+
+CHECKOUT = _find_checkout()
+pytestmark = pytest.mark.skipif(
+    CHECKOUT is None,
+    reason="needs an mmdetection3d v1.4 checkout (projects/BEVFusion is not in the wheel): set MMDET3D_ROOT "
+           "or clone it to ../mmdetection3d beside this repository")
+TEACHER = CONFIGS / "bevfusion" / "teacher_lidar_small.py"
+STUDENT = CONFIGS / "bevfusion" / "student_lidar_small.py"
+TRAIN_SAMPLES, VAL_SAMPLES = 4, 2
+
+# A few iterations of the student instead of its 20-epoch schedule (batch 1, no validation).
+ITER_STUDENT = """
+_base_ = ['{student}']
+train_cfg = dict(_delete_=True, type='IterBasedTrainLoop', max_iters={iters}, val_interval=10**9)
+param_scheduler = []
+default_hooks = dict(checkpoint=dict(type='CheckpointHook', interval={iters}, by_epoch=False),
+                     logger=dict(type='LoggerHook', interval=1))
+log_processor = dict(type='LogProcessor', window_size=1, by_epoch=False)
+train_dataloader = dict(batch_size=1, num_workers=0, persistent_workers=False,
+                        sampler=dict(_delete_=True, type='InfiniteSampler', shuffle=True))
+val_dataloader = None
+val_cfg = None
+val_evaluator = None
+test_dataloader = None
+test_cfg = None
+test_evaluator = None
+randomness = dict(seed=0, deterministic=False)
+"""
+
+
+@pytest.fixture(scope="module")
+def env() -> dict:
+    """Environment of every subprocess: the checkout named by MMDET3D_ROOT alone (no PYTHONPATH)."""
+    os.environ["MMDET3D_ROOT"] = str(CHECKOUT)  # for this process too (bevcache.bevfusion_cpu reads it)
+    return {**os.environ, "MMDET3D_ROOT": str(CHECKOUT)}
+
+
+def run(args: list[str], env: dict, *, ok: bool = True, timeout: float = 540) -> subprocess.CompletedProcess:
+    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if ok and proc.returncode:
+        pytest.fail(f"{' '.join(map(str, args[2:]))} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def cli(*args, env: dict, ok: bool = True) -> subprocess.CompletedProcess:
+    return run(bevcache_cmd(*map(str, args)), env, ok=ok)
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.fixture(scope="module")
+def bev_data(tmp_path_factory, env) -> Path:
+    """`bevcache synth`: 4 train / 2 val samples with one sweep each (BEVFusion loads 9 sweeps, padding)."""
+    root = tmp_path_factory.mktemp("bevfusion") / "data"
+    cli("synth", root, "--samples", TRAIN_SAMPLES, "--val-samples", VAL_SAMPLES, "--seed", 0, "--sweeps", 1, env=env)
+    return root
+
+
+@pytest.fixture(scope="module")
+def teacher_checkpoint(tmp_path_factory, env) -> Path:
+    """A randomly initialised BEVFusion-L (BN statistics perturbed), saved with its state dict's _metadata."""
+    from mmdet3d.registry import MODELS
+
+    from bevcache.runtime import load_config, setup_runtime
+
+    setup_runtime()
+    cfg = load_config(TEACHER)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = MODELS.build(copy.deepcopy(cfg.model))  # BEVFusion.__init__ pops keys of its config
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    path = tmp_path_factory.mktemp("bevfusion-ckpt") / "teacher.pth"
+    torch.save({"state_dict": model.state_dict(), "meta": {"test": "random init"}}, path)
+    return path
+
+
+def iter_student(tmp_path: Path, iters: int, student: Path = STUDENT) -> Path:
+    path = tmp_path / f"iter_{student.stem}.py"
+    path.write_text(ITER_STUDENT.format(student=student, iters=iters))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. bevcache.bevfusion_cpu: the project imports and runs without CUDA or its compiled ops
+
+
+def test_project_imports_with_cpu_stand_ins(env):
+    import importlib
+
+    from bevcache import bevfusion_cpu
+
+    package = importlib.import_module("projects.BEVFusion.bevfusion")
+    assert Path(package.__file__).resolve().is_relative_to(CHECKOUT)
+    if not torch.cuda.is_available():
+        assert importlib.import_module("projects.BEVFusion.bevfusion.bevfusion").Voxelization is bevfusion_cpu.MMCVVoxelization
+        assert any("voxelization by mmcv" in c for c in bevfusion_cpu.CHANGES)
+
+
+def test_compiled_ops_fail_clearly_when_called(env):
+    import importlib
+
+    from bevcache.bevfusion_cpu import BEVFusionOpUnavailable, activate
+
+    activate()
+    if torch.cuda.is_available():
+        pytest.skip("with CUDA, bev_pool runs (when compiled)")
+    depth_lss = importlib.import_module("projects.BEVFusion.bevfusion.depth_lss")
+    with pytest.raises(BEVFusionOpUnavailable, match="bev_pool .*no CUDA.*LiDAR-only model never calls it"):
+        depth_lss.bev_pool(torch.zeros(4, 8), torch.zeros(4, 4, dtype=torch.long), 1, 1, 8, 8)
+    ext = sys.modules["projects.BEVFusion.bevfusion.ops.bev_pool.bev_pool_ext"]
+    if getattr(ext, "__file__", None) is None:  # the placeholder
+        with pytest.raises(BEVFusionOpUnavailable, match="not compiled.*setup.py develop"):
+            ext.bev_pool_forward()
+
+
+def test_config_alone_switches_it_on(env):
+    """Loading the shipped config (as mmdet3d's tools do) is enough: one log line, a buildable model."""
+    code = ("import copy; from mmengine.config import Config; from mmdet3d.utils import register_all_modules; "
+            "register_all_modules(); from mmdet3d.registry import MODELS; "
+            f"cfg = Config.fromfile({str(CONFIGS / 'bevfusion' / 'teacher_lidar.py')!r}); "
+            "m = MODELS.build(copy.deepcopy(cfg.model)); print('voxel layer', type(m.pts_voxel_layer).__module__)")
+    proc = run([sys.executable, "-c", code], {k: v for k, v in env.items() if k != "PYTHONPATH"})
+    out = proc.stdout + proc.stderr
+    assert out.count("BEVFusion CPU path active") == (0 if torch.cuda.is_available() else 1), out[-2000:]
+    if not torch.cuda.is_available():
+        assert "voxel layer bevcache.bevfusion_cpu" in out
+
+
+def reference_voxelize(points: np.ndarray, voxel_size, pc_range, max_points: int, max_voxels: int):
+    """Hard voxelization by its definition, point by point in numpy: a voxel per occupied cell in the
+    order of its first point, at most max_voxels of them, each keeping its first max_points points;
+    cells of floor((p - min) / size) in float32, coordinates x,y,z."""
+    pts = points.astype(np.float32)
+    size = np.asarray(voxel_size, np.float32)
+    low, high = np.asarray(pc_range[:3], np.float32), np.asarray(pc_range[3:], np.float32)
+    grid = np.floor((high - low) / size + np.float32(0.5)).astype(np.int64)
+    cells = np.floor((pts[:, :3] - low) / size).astype(np.int64)
+    inside = ((cells >= 0) & (cells < grid)).all(axis=1)
+    index: dict[tuple, int] = {}
+    voxels = np.zeros((max_voxels, max_points, pts.shape[1]), np.float32)
+    coords, counts = [], []
+    for i in np.flatnonzero(inside):
+        key = tuple(cells[i])
+        v = index.get(key)
+        if v is None:
+            if len(coords) >= max_voxels:
+                continue
+            v = index[key] = len(coords)
+            coords.append(key)
+            counts.append(0)
+        if counts[v] < max_points:
+            voxels[v, counts[v]] = pts[i]
+            counts[v] += 1
+    dynamic = np.where(inside[:, None], cells, -1).astype(np.int32)
+    return voxels[:len(coords)], np.asarray(coords, np.int32).reshape(-1, 3), np.asarray(counts, np.int32), dynamic
+
+
+def _points(rng: np.random.Generator, pc_range, voxel_size, n: int = 6000) -> np.ndarray:
+    """Points over and around the range, a crowded cell, and points on cell boundaries (5 features)."""
+    low, high = np.asarray(pc_range[:3]), np.asarray(pc_range[3:])
+    spread = rng.uniform(low - 2, high + 2, size=(n, 3))
+    crowd = rng.uniform(0, 1, size=(50, 3)) * np.asarray(voxel_size) * 0.9 + (low + high) / 2
+    edges = low + rng.integers(0, 40, size=(200, 3)) * np.asarray(voxel_size, np.float32)
+    xyz = np.concatenate([spread, crowd, edges, [high, low]])
+    return np.concatenate([xyz, rng.normal(size=(len(xyz), 2))], axis=1).astype(np.float32)
+
+
+@pytest.mark.parametrize("pc_range, voxel_size, max_points, max_voxels", [
+    ([-54.0, -54.0, -5.0, 54.0, 54.0, 3.0], [0.075, 0.075, 0.2], 10, 160000),  # BEVFusion-L's grid
+    ([-14.4, -14.4, -5.0, 14.4, 14.4, 3.0], [0.075, 0.075, 0.2], 10, 500),     # reduced; the voxel cap bites
+    ([-3.0, -2.0, -1.0, 3.0, 2.0, 1.0], [0.5, 0.25, 0.4], 3, 100000),           # non-cubic cells, few points each
+])
+def test_voxelization_matches_numpy_reference(env, pc_range, voxel_size, max_points, max_voxels):
+    from bevcache.bevfusion_cpu import MMCVVoxelization
+
+    points = _points(np.random.default_rng(0), pc_range, voxel_size)
+    voxels, coords, counts, dynamic = reference_voxelize(points, voxel_size, pc_range, max_points, max_voxels)
+    layer = MMCVVoxelization(voxel_size, pc_range, max_points, [max_voxels, max_voxels]).eval()
+    got = layer(torch.from_numpy(points))
+    assert coords.shape[0] > 0 and coords.dtype == np.int32
+    np.testing.assert_array_equal(got[1].numpy(), coords)  # x,y,z as BEVFusion's sparse encoder expects
+    np.testing.assert_array_equal(got[2].numpy(), counts)
+    assert np.array_equal(got[0].numpy(), voxels)  # bit-equal, padding included
+    dyn = MMCVVoxelization(voxel_size, pc_range, -1, -1)(torch.from_numpy(points))
+    np.testing.assert_array_equal(dyn.numpy(), dynamic)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the native BEVFusion op is compared on CUDA")
+def test_voxelization_matches_native_cuda_op(env):
+    from bevcache import bevfusion_cpu
+
+    native_dir = bevfusion_cpu.package_dir() / "ops" / "voxel"
+    if not bevfusion_cpu._compiled(native_dir, "voxel_layer"):
+        pytest.skip("BEVFusion's voxel op is not compiled (python projects/BEVFusion/setup.py develop)")
+    from projects.BEVFusion.bevfusion.ops.voxel.voxelize import Voxelization as Native
+
+    pc_range, voxel_size = [-54.0, -54.0, -5.0, 54.0, 54.0, 3.0], [0.075, 0.075, 0.2]
+    points = torch.from_numpy(_points(np.random.default_rng(1), pc_range, voxel_size, n=200000)).cuda()
+    for mode in ("train", "eval"):
+        native = getattr(Native(voxel_size, pc_range, 10, [120000, 160000]), mode)()(points)
+        ours = getattr(bevfusion_cpu.MMCVVoxelization(voxel_size, pc_range, 10, [120000, 160000]), mode)()(points)
+        for a, b in zip(native, ours, strict=True):
+            assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. bevcache extract / train / export-student with the real teacher (reduced grid, synthetic data)
+
+
+@pytest.fixture(scope="module")
+def neck_store(tmp_path_factory, bev_data, teacher_checkpoint, env) -> Path:
+    out = tmp_path_factory.mktemp("bevfusion-store") / "neck.zarr"
+    cli("extract", "--config", TEACHER, "--checkpoint", teacher_checkpoint, "--data-root", bev_data,
+        "--out", out, "--batch-size", 1, "--num-workers", 0, env=env)
+    return out
+
+
+def test_extract_pooled_pts_neck(neck_store, env):
+    from bevcache.store import open_store
+
+    store = open_store(str(neck_store))
+    assert store.num_samples == TRAIN_SAMPLES and store.complete_mask().all() and store.verify() == []
+    assert store.layers["pts_neck"].dim == 512  # SECONDFPN's two 256-channel outputs, concatenated
+    table = store.read_table("pts_neck").float()
+    assert torch.isfinite(table).all() and table.std(0).max() > 0
+
+
+def test_extract_several_layers(tmp_path, bev_data, env):
+    """Layers before, at and after pts_neck; the forward stops after the head's shared conv."""
+    from bevcache.store import open_store
+
+    out = tmp_path / "layers.zarr"
+    cli("extract", "--config", TEACHER, "--data-root", bev_data, "--out", out, "--batch-size", 1,
+        "--num-workers", 0, "--layers", "pts_neck,pts_middle_encoder,bbox_head.shared_conv", env=env)
+    store = open_store(str(out))
+    dims = {name: spec.dim for name, spec in store.layers.items()}
+    assert dims == {"pts_neck": 512, "pts_middle_encoder": 256, "bbox_head.shared_conv": 128}
+    assert store.complete_mask().all()
+
+
+@pytest.fixture(scope="module")
+def cached_run(tmp_path_factory, bev_data, neck_store, env) -> tuple[Path, subprocess.CompletedProcess]:
+    work = tmp_path_factory.mktemp("bevfusion-cached")
+    proc = cli("train", "--student", iter_student(work, 3), "--cache", neck_store, "--data-root", bev_data,
+               "--work-dir", work / "run", env=env)
+    return work / "run", proc
+
+
+def test_train_cached(cached_run):
+    work, proc = cached_run
+    assert (work / "iter_3.pth").is_file() and (work / "student_weights.pth").is_file()
+    assert "loss_crd_pts_neck" in proc.stdout + proc.stderr
+    # Random train transforms are dropped, BEVFusion's own flip included (it draws from numpy's RNG).
+    dropped = next(line for line in proc.stderr.splitlines() if "dropping random train transforms" in line)
+    for name in ("ObjectSample", "GlobalRotScaleTrans", "BEVFusionRandomFlip3D", "PointShuffle"):
+        assert name in dropped, dropped
+
+
+def test_train_online(tmp_path, bev_data, teacher_checkpoint, env):
+    proc = cli("train", "--student", iter_student(tmp_path, 2), "--teacher-online", TEACHER,
+               "--teacher-checkpoint", teacher_checkpoint, "--data-root", bev_data, "--work-dir", tmp_path / "run",
+               env=env)
+    assert (tmp_path / "run" / "iter_2.pth").is_file()
+    assert "loss_crd_pts_neck" in proc.stdout + proc.stderr
+
+
+def test_export_student_loads_strictly_into_the_full_student(cached_run, tmp_path, env):
+    """The exported weights are a plain BEVFusion student: strict load into student_lidar.py (full grid)."""
+    from mmdet3d.registry import MODELS
+    from mmengine.runner import load_checkpoint
+
+    from bevcache.runtime import load_config, setup_runtime
+
+    work, _ = cached_run
+    out = tmp_path / "student.pth"
+    cli("export-student", work / "iter_3.pth", out, env=env)
+    setup_runtime()
+    model = MODELS.build(copy.deepcopy(load_config(CONFIGS / "bevfusion" / "student_lidar.py").model))
+    load_checkpoint(model, str(out), map_location="cpu", strict=True)
+    trained = torch.load(work / "iter_3.pth", map_location="cpu", weights_only=False)["state_dict"]
+    weight = "pts_middle_encoder.conv_input.0.weight"
+    assert torch.equal(model.state_dict()[weight], trained[f"student.{weight}"])
+
+
+def test_replay_is_refused_or_exact(tmp_path, bev_data, teacher_checkpoint, env):
+    """Views through BEVFusion's train pipeline (ObjectSample, rotation, BEVFusionRandomFlip3D, shuffle):
+    the student either replays exactly the teacher's inputs or is refused at the first differing one."""
+    store = tmp_path / "views.zarr"
+    cli("extract", "--config", TEACHER, "--checkpoint", teacher_checkpoint, "--data-root", bev_data,
+        "--out", store, "--views", 1, "--batch-size", 1, "--num-workers", 0, env=env)
+    proc = cli("train", "--student", iter_student(tmp_path, 2), "--cache", store, "--data-root", bev_data,
+               "--distill", "augmentation=replay", "--work-dir", tmp_path / "run", env=env, ok=False)
+    if proc.returncode == 0:
+        assert (tmp_path / "run" / "iter_2.pth").is_file()
+        return
+    errors = error_lines(proc)
+    assert proc.returncode == 1 and len(errors) == 1, proc.stderr[-3000:]
+    assert "augmented input differs" in errors[0] and "view" in errors[0], errors[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. The nuScenes recipe's dry run: the whole chain on synthetic data at a tiny scale
+
+
+@pytest.mark.slow
+def test_nuscenes_recipe_dry_run(tmp_path, env):
+    proc = run([sys.executable, "pipelines/nuscenes/run.py", "--dry-run", "--work-dir", str(tmp_path)], env)
+    out = proc.stdout + proc.stderr
+    for step in ("prepare", "checkpoint", "extract", "train", "evaluate"):
+        assert f"[nuscenes] {step}" in out, out[-3000:]
+    assert (tmp_path / "summary.json").is_file()
