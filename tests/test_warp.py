@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -153,8 +152,9 @@ def _scene(seed: int):
 
     g = np.random.default_rng(seed)
     points = np.concatenate([g.uniform(-15, 15, (500, 2)), g.uniform(-2, 2, (500, 1)), g.random((500, 1))], 1)
-    boxes = np.array([[-6.0, 3.5, -1, 4.2, 1.9, 1.6, 0.3, 0, 0], [4.0, -3.0, -1, 2.0, 0.8, 1.7, -1.0, 0, 0],
-                      [7.0, 4.5, -1, 4.6, 2.0, 1.5, 2.0, 0, 0], [-3.0, -5.0, -1, 0.7, 0.7, 1.8, 0.0, 0, 0]])
+    # centres on cell centres of the 0.5 m grid below, so the drawn peak is exactly at the centre
+    boxes = np.array([[-5.75, 3.75, -1, 4.2, 1.9, 1.6, 0.3, 0, 0], [4.25, -2.75, -1, 2.0, 0.8, 1.7, -1.0, 0, 0],
+                      [7.25, 4.75, -1, 4.6, 2.0, 1.5, 2.0, 0, 0], [-2.75, -4.75, -1, 0.7, 0.7, 1.8, 0.0, 0, 0]])
     return {
         "points": LiDARPoints(points.astype(np.float32), points_dim=4),
         "gt_bboxes_3d": LiDARInstance3DBoxes(boxes.astype(np.float32), box_dim=9),
@@ -214,7 +214,7 @@ def test_foreground_follows_the_boxes_through_real_augmentation(seed):
         window = warped[0, 0, row - 3:row + 4, col - 3:col + 4]
         peak_row, peak_col = divmod(int(window.argmax()), 7)
         assert max(abs(peak_row - 3), abs(peak_col - 3)) <= 1  # the warped peak lands there (+-1 cell)
-        assert warped[0, 0, row, col] > 0.5
+        assert warped[0, 0, row, col] > 0.5  # the true centre is within half a cell of that cell's centre
         moved += int(fg_src[row, col] < 0.5)  # without the warp, nothing would be there
     assert moved >= 2
     overlap = (torch.minimum(warped[0, 0], fg_aug).sum() / torch.maximum(warped[0, 0], fg_aug).sum())
@@ -265,18 +265,17 @@ BEVFUSION_TRANSFORMS = Path(os.environ.get("MMDET3D_ROOT", "/work/mmdetection3d"
 
 
 @pytest.mark.skipif(not BEVFUSION_TRANSFORMS.is_file(), reason="needs an mmdetection3d checkout (MMDET3D_ROOT)")
-def test_real_bevfusion_transforms_match_their_points():
+def test_real_bevfusion_transforms_match_their_points(monkeypatch):
+    from mmdet3d.registry import TRANSFORMS
     from mmdet3d.utils import register_all_modules
 
     register_all_modules()
-    # Load the module file alone: the project's package __init__ imports CUDA-only ops.
+    # Load the module file alone (the project's package __init__ imports CUDA-only ops), without
+    # registering its classes: a later import of the real project must still register them.
+    monkeypatch.setattr(TRANSFORMS, "register_module", lambda *args, **kwargs: (lambda cls: cls))
     spec = importlib.util.spec_from_file_location("bevfusion_transforms_3d_under_test", BEVFUSION_TRANSFORMS)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-    except KeyError:  # already registered by an earlier import of the project
-        pytest.skip("BEVFusion transforms already registered under their names")
+    spec.loader.exec_module(module)
     rst = module.BEVFusionGlobalRotScaleTrans(rot_range=[-0.785, 0.785], scale_ratio_range=[0.9, 1.1],
                                               translation_std=[0.5, 0.5, 0.2])
     flip = module.BEVFusionRandomFlip3D()
