@@ -26,7 +26,14 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="Smoke-test every script with tiny sizes.")
     p.add_argument("--only", default=",".join(BENCHMARKS), help=f"Comma-separated subset of {BENCHMARKS}.")
     p.add_argument("--keep-going", action="store_true", help="Run the rest when one fails.")
+    p.add_argument("--allow-dirty", action="store_true",
+                   help="Measure a tree with uncommitted changes (results then describe no commit).")
     args = p.parse_args()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                           capture_output=True, text=True).stdout.strip()
+    if dirty and not args.quick and not args.allow_dirty:
+        sys.exit("the tree has uncommitted changes: committed results must describe a commit. Commit (or stash) "
+                 "first, or pass --allow-dirty for a throw-away run.\n" + dirty)
     chosen = [b for b in args.only.split(",") if b]
     unknown = set(chosen) - set(BENCHMARKS)
     if unknown:

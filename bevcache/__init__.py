@@ -2,7 +2,7 @@
 
 Importing the package registers every component in mmdet3d's registries, so a config switches
 bevcache on with `custom_imports = dict(imports=['bevcache'])`: the distiller (MODELS:
-CRDDistiller), the replay wrapper (DATASETS: ReplayViewsDataset), the hooks (HOOKS:
+CRDDistiller), the dataset wrappers (DATASETS: ReplayViewsDataset, TeacherRowsDataset), the hooks (HOOKS:
 DistillationHook, StudentExportHook, TrainGuardHook), the metric (METRICS: SafeNuScenesMetric).
 It also applies the compatibility shims (bevcache.compat) and allows mmengine's checkpoint types
 in torch's weights-only loader (bevcache.teacher), so mmengine's resume works on torch >= 2.6.
@@ -15,9 +15,10 @@ def _register() -> None:
     from . import compat
     from .teacher import register_safe_globals
 
-    compat.apply_all()
+    compat.patch_spconv_for_cpu()
+    compat.patch_numpy_long()
     register_safe_globals()
-    from . import distiller, evaluation, guard, hooks, replay  # noqa: F401  (registration)
+    from . import distiller, evaluation, guard, hooks, loading, replay  # noqa: F401  (registration)
 
 
 _register()

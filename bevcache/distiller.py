@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 from mmdet3d.registry import MODELS
 from mmengine.logging import print_log
@@ -28,12 +29,16 @@ from torch import Tensor, nn
 from .crd import CRDLoss
 from .data import batch_rows
 from .errors import ConfigError, StoreError, StoreMismatch
-from .features import POOLINGS, LayerRecorder
+from .features import POOLINGS, LayerRecorder, pool_output
 from .replay import DIGEST_META, VIEW_META
 
 # What to do with random train transforms: drop them, keep them (the cached vector then describes
 # another input), or replay the store's augmented views exactly (bevcache.replay).
-AUGMENTATION_POLICIES = ("drop", "keep", "replay")
+AUGMENTATION_POLICIES = ("drop", "keep", "replay", "warp")
+# Spatial distillation settings (`spatial=dict(...)`) and their defaults.
+SPATIAL_DEFAULTS = dict(layers={"pts_neck": "pts_neck"}, weight=1.0, loss="mse", fg_weight=1.0, bg_weight=0.1,
+                        contrastive=False, contrastive_weight=0.1, tau=0.1, bev_range=None, grid=None,
+                        min_radius=2, overlap=0.1, ignore_non_warpable=False, channels=None)
 
 
 def _key(layer: str) -> str:
@@ -71,6 +76,7 @@ class CRDDistiller(BaseModel):
         z_momentum: float | None = None,
         augmentation: str = "drop",
         views: int | None = None,
+        spatial: dict | None = None,
         init_cfg: dict | None = None,
     ) -> None:
         # Data is preprocessed by the student's (and teacher's) own preprocessors in forward:
@@ -84,8 +90,11 @@ class CRDDistiller(BaseModel):
         if augmentation not in AUGMENTATION_POLICIES:
             raise ConfigError(f"CRDDistiller: augmentation must be one of {list(AUGMENTATION_POLICIES)}. "
                               f"Got {augmentation!r}.")
-        self.layers = dict(layers or {"pts_neck": "pts_neck"})
-        if not self.layers or not all(isinstance(k, str) and isinstance(v, str) for k, v in self.layers.items()):
+        self.layers = dict({"pts_neck": "pts_neck"} if layers is None else layers)  # {}: no CRD
+        self.spatial_cfg = self._spatial_settings(spatial, student)
+        if not self.layers and not self.spatial_cfg:
+            raise ConfigError("CRDDistiller distils nothing: give `layers` (CRD) and/or `spatial` (BEV maps).")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.layers.items()):
             raise ConfigError("CRDDistiller: layers must map student layer names to teacher layer names, "
                               f"e.g. dict(pts_neck='pts_neck'). Got {layers!r}.")
         self.alpha = float(alpha)
@@ -97,6 +106,8 @@ class CRDDistiller(BaseModel):
         self.teacher = None
         self.store_tokens: list[str] | None = None
         self.data_attached = False
+        self.lazy_pooled = False
+        self.spatial_channels: dict[str, int] = {}
         teacher_dims = dict(teacher_dims or {})
         if cache is not None:
             num_data, teacher_dims, pooling = self._open_cache(cache, num_data, teacher_dims, pooling)
@@ -105,6 +116,12 @@ class CRDDistiller(BaseModel):
                 raise ConfigError("CRDDistiller with an online `teacher` needs num_data (the training set's length; "
                                   "`bevcache train` fills it in). DistillationHook checks it against the data.")
             self._build_online_teacher(teacher, teacher_checkpoint, trust_checkpoint)
+            if self.spatial_cfg:
+                if not self.spatial_cfg["channels"] or not self.spatial_cfg["grid"]:
+                    raise ConfigError("CRDDistiller with an online teacher: spatial needs channels (the teacher "
+                                      "map's C) and grid ((h, w) to pool it to), as a store would record them.")
+                self.spatial_channels = {t: int(self.spatial_cfg["channels"])
+                                         for t in self.spatial_cfg["layers"].values()}
         pooling = pooling or "avg"
         self.pooling = {s: pooling if isinstance(pooling, str) else pooling[s] for s in self.layers}
         bad = {s: p for s, p in self.pooling.items() if p not in POOLINGS}
@@ -118,7 +135,16 @@ class CRDDistiller(BaseModel):
                       logger="current", level=30)
             nce_k = self.num_data - 1
         self.student = MODELS.build(copy.deepcopy(student))
-        self.student_recorder = LayerRecorder(self.student, self.layers)
+        spatial_layers = dict(self.spatial_cfg.get("layers", {}))
+        self.student_recorder = LayerRecorder(self.student, [*self.layers, *spatial_layers])
+        if self.spatial_cfg:
+            from .spatial import SpatialDistillLoss
+
+            c = self.spatial_cfg
+            self.spatial_loss = nn.ModuleDict({
+                _key(s): SpatialDistillLoss(None, self.spatial_channels[t], loss=c["loss"], fg_weight=c["fg_weight"],
+                                            bg_weight=c["bg_weight"], contrastive=c["contrastive"], tau=c["tau"])
+                for s, t in spatial_layers.items()})
         student_dims = dict(student_dims or {})
         self.crd = nn.ModuleDict({
             _key(s): CRDLoss(student_dim=student_dims.get(s), teacher_dim=teacher_dims.get(t), num_data=self.num_data,
@@ -127,6 +153,23 @@ class CRDDistiller(BaseModel):
         })
 
     # -- building ---------------------------------------------------------------------------
+
+    def _spatial_settings(self, spatial: dict | None, student: dict) -> dict:
+        """Spatial settings with defaults; the BEV extent defaults to the student's point cloud range."""
+        if not spatial:
+            return {}
+        unknown = set(spatial) - set(SPATIAL_DEFAULTS)
+        if unknown:
+            raise ConfigError(f"CRDDistiller: unknown spatial settings {sorted(unknown)}; known: {sorted(SPATIAL_DEFAULTS)}.")
+        settings = {**SPATIAL_DEFAULTS, **spatial}
+        if settings["bev_range"] is None:
+            pcr = ((student.get("data_preprocessor") or {}).get("voxel_layer") or {}).get("point_cloud_range")
+            if pcr is None:
+                raise ConfigError("CRDDistiller: spatial.bev_range (x_min, y_min, x_max, y_max in metres, the extent "
+                                  "of the teacher's BEV map) is needed: the student has no voxel_layer.point_cloud_range.")
+            settings["bev_range"] = (pcr[0], pcr[1], pcr[3], pcr[4])
+        settings["bev_range"] = tuple(float(v) for v in settings["bev_range"])
+        return settings
 
     def _open_cache(self, cache: str, num_data, teacher_dims: dict, pooling):
         """Everything the store decides: rows, widths, pooling; the tables themselves, on the host."""
@@ -163,8 +206,22 @@ class CRDDistiller(BaseModel):
             self.view_digests = store.read_digests()
         self.store_tokens = list(store.tokens)
         self.store_fingerprint = store.attrs.get("dataset", {})
+        for t in dict(self.spatial_cfg.get("layers", {})).values():
+            if t not in store.spatial:
+                raise StoreError(f"spatial teacher layer {t!r} is not in store {cache} (its spatial layers: "
+                                 f"{sorted(store.spatial)}); extract with --spatial {t}=<grid>.")
+            self.spatial_channels[t] = store.spatial[t].channels
         table_dtype = torch.float16 if store.dtype == "float16" else torch.float32
-        for t in sorted(set(self.layers.values())):
+        itemsize = 2 if store.dtype == "float16" else 4
+        table_bytes = sum(store.layers[t].dim for t in set(self.layers.values())) * store.num_samples * itemsize
+        table_bytes *= 1 + (store.num_views if self.replay else 0)
+        from .loading import POOLED_IN_MEMORY_BYTES
+
+        self.lazy_pooled = table_bytes > POOLED_IN_MEMORY_BYTES and not self.replay
+        print_log(f"CRDDistiller: pooled teacher table {table_bytes / 2**20:.1f} MiB "
+                  + ("read per sample by the loader workers (TeacherRowsDataset)" if self.lazy_pooled
+                     else "held in memory on the training device"), logger="current")
+        for t in sorted(set(self.layers.values())) if not self.lazy_pooled else ():
             # Kept in the store's dtype (half the memory of float32 for a float16 store) and
             # cast per batch. Non-persistent: follows .to(device), never in checkpoints.
             table = store.read_table(t, dtype=table_dtype)
@@ -190,13 +247,21 @@ class CRDDistiller(BaseModel):
 
     # -- the training data ------------------------------------------------------------------
 
-    def attach_train_data(self, dataset) -> None:
+    def attach_train_data(self, dataset, pipeline_cfg: list) -> None:
         """Check the training data against this distiller and apply the augmentation policy
-        (called by DistillationHook at before_train, before any loader worker starts)."""
+        (called by DistillationHook at before_train, before any loader worker starts);
+        `pipeline_cfg` is the base train dataset's pipeline config."""
         from .wiring import check_train_data
 
-        check_train_data(self, dataset)
+        check_train_data(self, dataset, pipeline_cfg)
         self.data_attached = True
+
+    def init_weights(self) -> None:
+        """The student's own initialisation only: BaseModule.init_weights would also log every
+        parameter's shape, which a CRD embedding sized by the first batch does not have yet; the
+        loaded teacher is never re-initialised and the CRD heads initialise themselves."""
+        self.student.init_weights()
+        self._is_init = True
 
     def train(self, mode: bool = True) -> CRDDistiller:
         super().train(mode)
@@ -206,15 +271,56 @@ class CRDDistiller(BaseModel):
 
     # -- forward ----------------------------------------------------------------------------
 
-    def _teacher_features(self, inputs: dict, data_samples: list, rows: Tensor) -> dict[str, Tensor]:
+    def _teacher_features(self, inputs: dict, data_samples: list, rows: Tensor) -> tuple[dict, dict]:
+        """({teacher layer: [B, dim]}, {teacher spatial layer: [B, C, h, w]}) for the batch."""
+        spatial_layers = set(self.spatial_cfg.get("layers", {}).values())
         if self.teacher is None:
-            where = (rows,) if not self.replay else (rows, self._checked_views(data_samples, rows.device))
-            return {t: getattr(self, f"teacher_table__{_key(t)}")[where].float() for t in set(self.layers.values())}
+            from .loading import map_field, vec_field
+
+            views = self._checked_views(data_samples, rows.device) if self.replay else None
+            if self.lazy_pooled:
+                pooled = {t: torch.stack([getattr(d, vec_field(t)) for d in data_samples]).to(rows.device).float()
+                          for t in set(self.layers.values())}
+            else:
+                where = (rows,) if views is None else (rows, views)
+                pooled = {t: getattr(self, f"teacher_table__{_key(t)}")[where].float() for t in set(self.layers.values())}
+            maps = {t: torch.stack([getattr(d, map_field(t)) for d in data_samples]).to(rows.device).float()
+                    for t in spatial_layers}
+            return pooled, maps
         data = self.teacher.data_preprocessor({"inputs": inputs, "data_samples": data_samples}, False)
         with torch.no_grad():
             self.teacher_recorder.run(self.teacher, **data, mode="predict")
             pooling = {t: self.pooling[s] for s, t in self.layers.items()}
-            return self.teacher_recorder.pooled(pooling, len(data_samples))
+            pooled = self.teacher_recorder.pooled(pooling, len(data_samples))
+            grid = tuple(self.spatial_cfg.get("grid") or ())
+            maps = self.teacher_recorder.spatial({t: grid for t in spatial_layers}, len(data_samples))
+            return pooled, maps
+
+    def _spatial_losses(self, student_maps: dict, teacher_maps: dict, data_samples: list) -> dict[str, Tensor]:
+        """loss_spatial_<layer> (+ loss_spatial_nce_<layer>): teacher maps warped into each sample's
+        augmented frame when augmentation='warp', weighted by the sample's GT boxes on the grid."""
+        from .features import first_map
+        from .warp import bev_transform, gaussian_foreground, warp_bev
+
+        c = self.spatial_cfg
+        losses = {}
+        for s, t in c["layers"].items():
+            teacher = teacher_maps[t]  # [B, C, h, w]
+            h, w = teacher.shape[-2:]
+            valid = None
+            if self.augmentation == "warp" and self.teacher is None:
+                transforms = torch.as_tensor(np.stack([bev_transform(d.metainfo) for d in data_samples]),
+                                             dtype=torch.float32, device=teacher.device)  # [B, 3, 3]
+                teacher, valid = warp_bev(teacher, transforms, c["bev_range"])
+            fg = torch.stack([gaussian_foreground(d.gt_instances_3d.bboxes_3d, c["bev_range"], (h, w),
+                                                  min_radius=c["min_radius"], overlap=c["overlap"])
+                              for d in data_samples]).to(teacher.device)  # [B, h, w]
+            student = first_map(student_maps[s], len(data_samples))  # pooled to the teacher grid by the loss
+            terms = self.spatial_loss[_key(s)](student, teacher, valid, fg)
+            losses[f"loss_spatial_{s}"] = c["weight"] * terms["feat"]
+            if "nce" in terms:
+                losses[f"loss_spatial_nce_{s}"] = c["contrastive_weight"] * terms["nce"]
+        return losses
 
     def _checked_views(self, data_samples: list, device: torch.device) -> Tensor:
         """The view each sample shows, after proving its input is the one the teacher saw."""
@@ -244,11 +350,15 @@ class CRDDistiller(BaseModel):
                 "the teacher (tokens, meta keys, augmentation policy): add "
                 "custom_hooks=[dict(type='DistillationHook')] to the config (bevcache train adds it).")
         losses = self.student(**data, mode="loss")
-        student_feats = self.student_recorder.pooled(self.pooling, len(data_samples))
+        batch = len(data_samples)
+        student_feats = {s: pool_output(self.student_recorder.outputs[s], self.pooling[s], batch) for s in self.layers}
+        student_maps = {s: self.student_recorder.outputs[s] for s in self.spatial_cfg.get("layers", {})}
         self.student_recorder.outputs.clear()
-        device = student_feats[next(iter(self.layers))].device
+        device = next(self.student.parameters()).device
         rows = batch_rows(data_samples, self.store_tokens, device=device)
-        teacher_feats = self._teacher_features(inputs, data_samples, rows)
+        teacher_feats, teacher_maps = self._teacher_features(inputs, data_samples, rows)
         for s, t in self.layers.items():
             losses[f"loss_crd_{s}"] = self.alpha * self.crd[_key(s)](student_feats[s], teacher_feats[t], rows)
+        if self.spatial_cfg:
+            losses.update(self._spatial_losses(student_maps, teacher_maps, data_samples))
         return losses

@@ -46,7 +46,8 @@ from .teacher import build_teacher, config_record, resolve_teacher_checkpoint, w
 log = logging.getLogger("bevcache")
 
 DEFAULTS = dict(layers=["pts_neck"], pooling="avg", dtype="float16", split="train", batch_size=1,
-                num_workers=2, chunk_rows=256, views=0)
+                num_workers=2, chunk_rows=256, views=0, spatial={})
+SPATIAL_CHUNK_ROWS = 32  # default rows per block when maps are kept
 
 
 @dataclass
@@ -64,6 +65,7 @@ class ExtractOptions:
     num_workers: int | None = None
     chunk_rows: int | None = None
     views: int | None = None  # K augmented views per sample (0: only the un-augmented one)
+    spatial: str | dict | None = None  # BEV grids to keep maps at: "pts_neck=45" or {layer: (h, w)}
     cfg_options: Sequence[str] = field(default_factory=tuple)
     resume: bool = False
     overwrite: bool = False
@@ -147,47 +149,65 @@ def teacher_batches(model, dataset, batches: list[list[int]], num_workers: int,
         yield indices, model.data_preprocessor(batch, False)
 
 
-def pooled_teacher_features(model, recorder: LayerRecorder, data: dict, pooling: str) -> dict[str, torch.Tensor]:
-    """Forward one preprocessed batch (cut short after the last hooked layer) and pool it."""
+def pooled_teacher_features(model, recorder: LayerRecorder, data: dict, pooling: str,
+                            grids: dict[str, tuple[int, int]] | None = None):
+    """Forward one preprocessed batch (cut short after the last hooked layer) and pool it:
+    {layer: [B, dim]}; with `grids`, also the spatial maps {layer: [B, C, h, w]} (a pair)."""
     with torch.inference_mode():
         recorder.run(model, **data, mode="predict")
-        return recorder.pooled(pooling, len(data["data_samples"]))
+        batch = len(data["data_samples"])
+        pooled = recorder.pooled(pooling, batch)
+        if grids is None:
+            return pooled
+        return pooled, recorder.spatial(grids, batch)
 
 
 class _PendingBlock:
-    """One block's rows as they arrive: un-augmented features, and with views, [rows, K, dim]
-    view features and [rows, K] input digests."""
+    """One block's rows as they arrive: un-augmented features (and spatial maps), and with views,
+    [rows, K, ...] view features and maps and [rows, K] input digests."""
 
-    def __init__(self, rows: tuple[int, int], layers: Sequence[str], num_views: int):
+    def __init__(self, rows: tuple[int, int], layers: Sequence[str], num_views: int, spatial: Sequence[str] = ()):
         self.start, stop = rows
         n = stop - self.start
         self.features: dict[str, list[np.ndarray]] = {name: [] for name in layers}
+        self.spatial: dict[str, list[np.ndarray]] = {name: [] for name in spatial}
         self.views: dict[str, np.ndarray] = {}
+        self.spatial_views: dict[str, np.ndarray] = {}
         self.num_views = num_views
         self.digests = np.zeros((n, num_views), dtype=np.int64)
 
-    def add(self, keys: list, feats: dict[str, np.ndarray], data_samples: list) -> None:
-        for name, value in feats.items():
-            bad = ~np.isfinite(value).all(axis=1)
+    def add(self, keys: list, feats: dict[str, np.ndarray], data_samples: list,
+            maps: dict[str, np.ndarray] | None = None) -> None:
+        for name, value in [*feats.items(), *(maps or {}).items()]:
+            bad = ~np.isfinite(value.reshape(len(value), -1)).all(axis=1)
             if bad.any():
                 key = keys[int(np.argmax(bad))]
                 where = f"dataset index {key[0]}, view {key[1]}" if isinstance(key, tuple) else f"dataset index {key}"
                 raise FeatureValueError(f"layer {name!r} is NaN/Inf for {where}: the teacher checkpoint or "
                                         "input is broken; nothing of this block was written.")
-            if not isinstance(keys[0], tuple):
+        if not isinstance(keys[0], tuple):
+            for name, value in feats.items():
                 self.features[name].append(value)
-                continue
-            table = self.views.setdefault(name, np.empty((len(self.digests), self.num_views, value.shape[1]), np.float32))
-            for (index, view), row in zip(keys, value, strict=True):
-                table[index - self.start, view - 1] = row
-        if isinstance(keys[0], tuple):
-            for (index, view), sample in zip(keys, data_samples, strict=True):
-                self.digests[index - self.start, view - 1] = sample.metainfo[DIGEST_META]
+            for name, value in (maps or {}).items():
+                self.spatial[name].append(value.astype(np.float16))  # the store's dtype for maps
+            return
+        for target, values in ((self.views, feats), (self.spatial_views, maps or {})):
+            for name, value in values.items():
+                dtype = np.float16 if target is self.spatial_views else np.float32
+                table = target.setdefault(name, np.empty((len(self.digests), self.num_views, *value.shape[1:]), dtype))
+                for (index, view), row in zip(keys, value, strict=True):
+                    table[index - self.start, view - 1] = row
+        for (index, view), sample in zip(keys, data_samples, strict=True):
+            self.digests[index - self.start, view - 1] = sample.metainfo[DIGEST_META]
 
     def finished(self) -> dict:
         out: dict = {"features": {n: np.concatenate(v) for n, v in self.features.items()}}
+        if self.spatial:
+            out["spatial"] = {n: np.concatenate(v) for n, v in self.spatial.items()}
         if self.num_views:
             out.update(views=self.views, digests=self.digests)
+            if self.spatial:
+                out["spatial_views"] = self.spatial_views
         return out
 
 
@@ -223,6 +243,29 @@ class _BlockWriter:
             raise self.error
 
 
+def parse_spatial_grids(value: str | dict | None) -> dict[str, tuple[int, int]]:
+    """{layer: (h, w)} from "pts_neck=45,pts_backbone=90x45" or a config's dict(pts_neck=(45, 45))."""
+    if not value:
+        return {}
+    items = value.items() if isinstance(value, dict) else [
+        tuple(part.split("=", 1)) if "=" in part else (part, None) for part in str(value).split(",") if part]
+    grids = {}
+    for name, grid in items:
+        try:
+            if isinstance(grid, str):
+                grid = [int(g) for g in grid.lower().split("x")]
+            grid = (int(grid), int(grid)) if isinstance(grid, int) else tuple(int(g) for g in grid)
+            if len(grid) == 1:
+                grid = (grid[0], grid[0])
+            if len(grid) != 2 or min(grid) < 1:
+                raise ValueError
+        except (TypeError, ValueError):
+            raise ConfigError(f"spatial: each layer needs a BEV grid, e.g. pts_neck=45 or pts_neck=90x45 "
+                              f"(config: dict(pts_neck=(45, 45))). Got {name}={grid!r}.") from None
+        grids[str(name)] = grid
+    return grids
+
+
 def _settings(opts: ExtractOptions, cfg) -> dict:
     section = dict(cfg.get("bevcache", {}) or {})
     merged = {**DEFAULTS, **{k: v for k, v in section.items() if k in DEFAULTS}}
@@ -240,6 +283,12 @@ def _settings(opts: ExtractOptions, cfg) -> dict:
         raise ConfigError("batch_size and chunk_rows must be positive integers.")
     if int(merged["views"]) < 0:
         raise ConfigError(f"views must be >= 0 (0: no augmented views). Got {merged['views']}.")
+    merged["spatial"] = parse_spatial_grids(merged["spatial"])
+    if merged["spatial"] and opts.chunk_rows is None and "chunk_rows" not in section:
+        # A block (one shard per map) is held in memory until written: 32 rows of a 512 x 90 x 90
+        # float16 map are 265 MB; 256 would be 2 GB.
+        merged["chunk_rows"] = SPATIAL_CHUNK_ROWS
+    merged["layers"] += [n for n in merged["spatial"] if n not in merged["layers"]]  # pooled too
     merged["out"] = opts.out or section.get("out") or f"work_dirs/{Path(opts.config).stem}/features.zarr"
     return merged
 
@@ -258,7 +307,7 @@ def _views_dataset(cfg, settings: dict, tokens: list[str]) -> tuple[ReplayViewsD
     return ReplayViewsDataset(base, int(settings["views"]), fingerprint), augmentation
 
 
-def _open_or_create(opts: ExtractOptions, settings: dict, *, layers: list[LayerSpec], tokens, sample_idx,
+def _open_or_create(opts: ExtractOptions, settings: dict, *, layers: list[LayerSpec], spatial: dict, tokens, sample_idx,
                     metadata: dict, rank: int):
     url = settings["out"]
     exists = store_exists(url)
@@ -270,12 +319,13 @@ def _open_or_create(opts: ExtractOptions, settings: dict, *, layers: list[LayerS
             _check_same_teacher(store, metadata["teacher"], url)
             store.check_matches(dataset=metadata["dataset"], teacher={"config_sha256": metadata["teacher"]["config_sha256"]},
                                 layers=layers,
-                                views=int(settings["views"]), augmentation=metadata.get("augmentation"))
+                                views=int(settings["views"]), augmentation=metadata.get("augmentation"),
+                                spatial=spatial)
         else:
             store = create_store(url, num_samples=len(tokens), layers=layers, dtype=settings["dtype"],
                                  tokens=tokens, sample_idx=sample_idx, metadata=metadata,
                                  chunk_rows=int(settings["chunk_rows"]), overwrite=exists,
-                                 views=int(settings["views"]))
+                                 views=int(settings["views"]), spatial=spatial or None)
     _barrier()
     return store if rank == 0 else open_store(url, mode="r+")
 
@@ -341,14 +391,15 @@ def extract(opts: ExtractOptions) -> dict:
 
     # One sample through the teacher tells each layer's pooled width before the store exists.
     _, probe = next(teacher_batches(model, dataset, [[0]], num_workers=0))
-    probed = pooled_teacher_features(model, recorder, probe, settings["pooling"])
-    broken = [k for k, v in probed.items() if not torch.isfinite(v).all()]
+    probed, probed_maps = pooled_teacher_features(model, recorder, probe, settings["pooling"], settings["spatial"])
+    broken = [k for k, v in [*probed.items(), *probed_maps.items()] if not torch.isfinite(v).all()]
     if broken:  # a broken checkpoint shows on any sample: refuse before a store exists
         raise FeatureValueError(f"layer(s) {broken} of the teacher are NaN/Inf for dataset index 0 (the probe "
                                 f"sample): check the teacher checkpoint ({opts.checkpoint}) and that sample; "
                                 f"nothing was written to {settings['out']}.")
     dims = {k: v.shape[1] for k, v in probed.items()}
     layers = [LayerSpec(name=n, dim=int(dims[n]), pooling=settings["pooling"]) for n in settings["layers"]]
+    spatial = {n: tuple(int(x) for x in v.shape[1:]) for n, v in probed_maps.items()}  # (C, h, w)
     metadata = {
         "bevcache_version": __version__,
         "split": settings["split"],
@@ -363,14 +414,14 @@ def extract(opts: ExtractOptions) -> dict:
     with contextlib.ExitStack() as stack:
         if rank == 0:
             stack.enter_context(exclusive_writer(settings["out"]))
-        return _run(opts, settings, model, source, recorder, layers=layers, tokens=tokens,
+        return _run(opts, settings, model, source, recorder, layers=layers, spatial=spatial, tokens=tokens,
                     sample_idx=sample_idx, metadata=metadata, rank=rank, world=world, device=device,
                     env_cfg=cfg.get("env_cfg"))
 
 
-def _run(opts, settings, model, source, recorder, *, layers, tokens, sample_idx, metadata, rank, world, device,
+def _run(opts, settings, model, source, recorder, *, layers, spatial, tokens, sample_idx, metadata, rank, world, device,
          env_cfg) -> dict:
-    store = _open_or_create(opts, settings, layers=layers, tokens=tokens, sample_idx=sample_idx,
+    store = _open_or_create(opts, settings, layers=layers, spatial=spatial, tokens=tokens, sample_idx=sample_idx,
                             metadata=metadata, rank=rank)
     my_blocks = store.pending_blocks()[rank::world]
     num_views = int(settings["views"])
@@ -395,9 +446,10 @@ def _run(opts, settings, model, source, recorder, *, layers, tokens, sample_idx,
             for (start, _, last), (keys, data) in zip(plan, teacher_batches(
                     model, source, batches, int(settings["num_workers"]), env_cfg), strict=True):
                 if block is None or block.start != start:
-                    block = _PendingBlock(block_of[start], settings["layers"], num_views)
-                feats = pooled_teacher_features(model, recorder, data, settings["pooling"])
-                block.add(keys, {n: v.float().cpu().numpy() for n, v in feats.items()}, data["data_samples"])
+                    block = _PendingBlock(block_of[start], settings["layers"], num_views, list(spatial))
+                feats, maps = pooled_teacher_features(model, recorder, data, settings["pooling"], settings["spatial"])
+                block.add(keys, {n: v.float().cpu().numpy() for n, v in feats.items()}, data["data_samples"],
+                          {n: v.float().cpu().numpy() for n, v in maps.items()})
                 if last:
                     writer.put(block.start, **block.finished())
                 if progress:

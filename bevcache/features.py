@@ -10,7 +10,8 @@ Pooling of one output (B = batch):
   [B, C, D, H, W]   -> over D, H, W
   list/tuple/dict   -> pool each tensor leaf (dict keys in sorted order, recursively), then
                        concatenate along channels: multi-scale necks and heads give one vector.
-Non-tensor leaves (None, ints, metadata) are skipped.
+Non-tensor leaves (None, ints, metadata) are skipped. `spatial_map` keeps a BEV map instead,
+pooled to a fixed grid, for spatial distillation.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import ConfigError, LayerError
@@ -64,6 +66,22 @@ def pool_output(output: Any, pooling: str = "avg", batch_size: int | None = None
     if not leaves:
         raise LayerError("the layer output holds no floating tensor with a batch dimension to pool")
     return torch.cat([_pool_tensor(t, pooling) for t in leaves], dim=1)
+
+
+def first_map(output: Any, batch_size: int | None = None) -> Tensor:
+    """A layer's BEV map [B, C, H, W]: a list/tuple/dict output gives its first such tensor, as
+    multi-scale necks put their finest map first (SECONDFPN's `pts_neck` is a list of one map)."""
+    maps = [t for t in _tensor_leaves(output) if t.dim() == 4 and t.is_floating_point()
+            and (batch_size is None or t.shape[0] == batch_size)]
+    if not maps:
+        raise LayerError("the layer output holds no [B, C, H, W] map to keep spatially; cache it pooled only, "
+                         "or choose a BEV layer such as 'pts_neck'")
+    return maps[0]
+
+
+def spatial_map(output: Any, grid: tuple[int, int], batch_size: int | None = None) -> Tensor:
+    """A layer's BEV map (`first_map`) adaptive-average-pooled to `grid` (h, w): [B, C, h, w]."""
+    return F.adaptive_avg_pool2d(first_map(output, batch_size), tuple(int(g) for g in grid))
 
 
 def resolve_module(model: nn.Module, name: str) -> nn.Module:
@@ -130,6 +148,13 @@ class LayerRecorder:
             mode = pooling if isinstance(pooling, str) else pooling[name]
             result[name] = pool_output(self.outputs[name], mode, batch_size)
         return result
+
+    def spatial(self, grids: Mapping[str, tuple[int, int]], batch_size: int) -> dict[str, Tensor]:
+        """Each named layer's recorded map pooled to its grid: {layer: [B, C, h, w]}."""
+        missing = [n for n in grids if n not in self.outputs]
+        if missing:
+            raise LayerError(f"layer(s) {missing} produced no output in the forward pass; choose a layer that runs.")
+        return {name: spatial_map(self.outputs[name], grid, batch_size) for name, grid in grids.items()}
 
     def remove(self) -> None:
         for handle in self._handles:

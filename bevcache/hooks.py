@@ -42,7 +42,10 @@ class DistillationHook(Hook):
         if not hasattr(model, "attach_train_data"):
             raise ConfigError(f"DistillationHook needs a CRDDistiller model; this config's model is "
                               f"{type(model).__name__}. Remove the hook or set model=dict(type='CRDDistiller', ...).")
-        model.attach_train_data(runner.train_dataloader.dataset)
+        from .wiring import base_pipeline_cfg
+
+        model.attach_train_data(runner.train_dataloader.dataset,
+                                base_pipeline_cfg(runner.cfg.get("train_dataloader", {}).get("dataset")))
         if not isinstance(runner.train_loop, EpochBasedTrainLoop):
             self._iters_per_pass = max(len(runner.train_dataloader), 1)
 

@@ -35,7 +35,7 @@ class SpatialDistillLoss(nn.Module):
 
     def __init__(
         self,
-        student_channels: int,
+        student_channels: int | None,
         teacher_channels: int,
         *,
         loss: str = "mse",
@@ -59,7 +59,10 @@ class SpatialDistillLoss(nn.Module):
         self.loss, self.fg_weight, self.bg_weight = loss, float(fg_weight), float(bg_weight)
         self.contrastive, self.tau, self.max_cells = contrastive, float(tau), int(max_cells)
         self.fg_threshold, self.eps = float(fg_threshold), float(eps)
-        self.adapter = nn.Conv2d(student_channels, teacher_channels, kernel_size=1)
+        # Without the student's channels (unknown before any data) the adapter is sized by the first
+        # batch, as CRD's embeddings are; DDP runs pass them.
+        self.adapter = (nn.Conv2d(student_channels, teacher_channels, kernel_size=1) if student_channels
+                        else nn.LazyConv2d(teacher_channels, kernel_size=1))
 
     def extra_repr(self) -> str:
         return (f"loss={self.loss!r}, fg_weight={self.fg_weight}, bg_weight={self.bg_weight}, "

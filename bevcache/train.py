@@ -35,7 +35,8 @@ log = logging.getLogger("bevcache")
 
 # The `distill = dict(...)` section of the older config form, and its defaults.
 DISTILL_DEFAULTS = dict(cache=None, layers={"pts_neck": "pts_neck"}, alpha=1.0, feat_dim=128, nce_k=16384,
-                        nce_t=0.07, nce_m=0.5, z_momentum=None, pooling=None, augmentation="drop", views=None)
+                        nce_t=0.07, nce_m=0.5, z_momentum=None, pooling=None, augmentation="drop", views=None,
+                        spatial=None)
 # Hooks every distillation run gets (a config may list them itself).
 DISTILL_HOOKS = ("DistillationHook", "StudentExportHook")
 
@@ -74,7 +75,8 @@ def _distill_settings(cfg, opts: TrainOptions) -> dict:
 
 def distiller_model_cfg(student: dict, settings: dict) -> dict:
     """The CRDDistiller model config for a student model and `distill` settings."""
-    keys = ("layers", "alpha", "feat_dim", "nce_k", "nce_t", "nce_m", "z_momentum", "pooling", "augmentation", "views")
+    keys = ("layers", "alpha", "feat_dim", "nce_k", "nce_t", "nce_m", "z_momentum", "pooling", "augmentation", "views",
+            "spatial")
     model = dict(type="CRDDistiller", student=student, **{k: settings[k] for k in keys if settings[k] is not None})
     if settings.get("cache"):
         model["cache"] = settings["cache"]
@@ -142,6 +144,8 @@ def build_train_config(opts: TrainOptions):
     cfg.model = model
     if model.get("augmentation") == "replay":
         _wrap_for_replay(cfg)
+    if model.get("cache"):
+        _wrap_for_rows(cfg, model)
     hooks = list(cfg.get("custom_hooks", []))
     have = {h.get("type") for h in hooks}
     cfg.custom_hooks = [h for h in hooks if h.get("type") != "TrainGuardHook"]  # train() adds its own
@@ -177,6 +181,29 @@ def _set_widths_for_ddp(cfg) -> None:
         student = build_model(model["student"])
     model["student_dims"] = probe_widths(student, dataset, list(layers), pooling)
     model["teacher_dims"] = teacher_dims
+
+
+def _wrap_for_rows(cfg, model: dict) -> None:
+    """TeacherRowsDataset around the whole train dataset when the distiller reads rows per sample
+    (spatial maps; pooled tables too large for memory), unless the config has it already."""
+    from .loading import POOLED_IN_MEMORY_BYTES
+    from .store import open_store
+
+    ds = cfg.train_dataloader.dataset
+    while isinstance(ds, dict):
+        if ds.get("type") == "TeacherRowsDataset":
+            return
+        ds = ds.get("dataset")
+    store = open_store(model["cache"])
+    layers = dict({"pts_neck": "pts_neck"} if model.get("layers") is None else model["layers"])
+    spatial = sorted(set(dict((model.get("spatial") or {}).get("layers") or {"pts_neck": "pts_neck"}).values())
+                     ) if model.get("spatial") else []
+    itemsize = 2 if store.dtype == "float16" else 4
+    table = sum(store.layers[t].dim for t in set(layers.values()) if t in store.layers) * store.num_samples * itemsize
+    pooled = sorted(set(layers.values())) if table > POOLED_IN_MEMORY_BYTES and model.get("augmentation") != "replay" else []
+    if spatial or pooled:
+        cfg.train_dataloader.dataset = dict(type="TeacherRowsDataset", dataset=cfg.train_dataloader.dataset,
+                                            cache=model["cache"], spatial=spatial, pooled=pooled)
 
 
 def _wrap_for_replay(cfg) -> None:

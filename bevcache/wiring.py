@@ -54,8 +54,16 @@ def check_index_meta(dataset: Any) -> None:
             "`bevcache train` adds them itself.")
 
 
-def check_train_data(distiller: Any, dataset: Any) -> None:
-    """All data-side checks of a CRDDistiller; applies its augmentation policy to the built pipeline."""
+def base_pipeline_cfg(dataset_cfg: Any) -> list:
+    """The pipeline config of the base dataset under (config) wrappers."""
+    while isinstance(dataset_cfg, dict) and "dataset" in dataset_cfg and "pipeline" not in dataset_cfg:
+        dataset_cfg = dataset_cfg["dataset"]
+    return list(dataset_cfg.get("pipeline") or []) if isinstance(dataset_cfg, dict) else []
+
+
+def check_train_data(distiller: Any, dataset: Any, pipeline_cfg: list) -> None:
+    """All data-side checks of a CRDDistiller; applies its augmentation policy to the built pipeline.
+    `pipeline_cfg` is the base dataset's pipeline config (what the random-transform probe runs)."""
     base = base_dataset(dataset)
     tokens, _ = dataset_identity(base)
     if len(tokens) != distiller.num_data:
@@ -73,11 +81,56 @@ def check_train_data(distiller: Any, dataset: Any) -> None:
                 f"{mine[:12]} vs {str(theirs)[:12]}; first different row {first}: {tokens[first]!r} vs "
                 f"{distiller.store_tokens[first]!r}); re-run `bevcache extract` on this dataset.")
     check_index_meta(base)
-    _apply_augmentation_policy(distiller, dataset, base)
+    _apply_augmentation_policy(distiller, dataset, base, pipeline_cfg)
+    _check_rows_wrapper(distiller, dataset)
 
 
-def _apply_augmentation_policy(distiller: Any, dataset: Any, base: Any) -> None:
-    from .pipeline import random_transform_steps, strip_built_steps
+def _check_rows_wrapper(distiller: Any, dataset: Any) -> None:
+    """Spatial maps (and pooled tables too large for memory) come from TeacherRowsDataset."""
+    from .loading import find_rows_dataset
+
+    spatial = sorted(set(distiller.spatial_cfg.get("layers", {}).values())) if distiller.cache else []
+    pooled = sorted(set(distiller.layers.values())) if distiller.lazy_pooled else []
+    if not spatial and not pooled:
+        return
+    rows = find_rows_dataset(dataset)
+    how = (f"wrap the train dataset: train_dataloader.dataset=dict(type='TeacherRowsDataset', dataset=<it>, "
+           f"cache={distiller.cache!r}, spatial={spatial}, pooled={pooled}); `bevcache train` wraps it itself.")
+    if rows is None:
+        raise ConfigError(f"the distiller reads teacher rows {spatial + pooled} per sample, but the train dataset has "
+                          f"no TeacherRowsDataset to read them in the loader workers: {how}")
+    if rows.cache != distiller.cache or not set(spatial) <= set(rows.spatial) or not set(pooled) <= set(rows.pooled):
+        raise ConfigError(f"TeacherRowsDataset reads {rows.spatial} / {rows.pooled} from {rows.cache}, but the "
+                          f"distiller needs {spatial} / {pooled} from {distiller.cache}: {how}")
+
+
+def _check_warpable(distiller: Any, base: Any, random_names: list[str]) -> None:
+    """'warp' keeps every transform: refuse those a BEV warp cannot express, unless told to ignore them."""
+    from .warp import BEV_EFFECT, non_warpable
+
+    if not distiller.spatial_cfg:
+        raise ConfigError("augmentation='warp' warps cached BEV maps: it needs spatial=dict(...) layers; for pooled "
+                          "CRD use 'keep' (pooling is nearly invariant to flips/rotations) or 'replay'.")
+    names = [type(t).__name__ for t in getattr(base.pipeline, "transforms", [])]
+    bad = non_warpable(names)
+    bad.update({n: "a random transform bevcache does not know how to warp" for n in random_names
+                if n not in BEV_EFFECT and n not in bad})
+    if bad and not distiller.spatial_cfg["ignore_non_warpable"]:
+        raise ConfigError("augmentation='warp' cannot express these train transforms as a BEV warp: "
+                          + "; ".join(f"{n} ({why})" for n, why in bad.items())
+                          + ". Remove them from the student's train pipeline, or set "
+                          "spatial=dict(..., ignore_non_warpable=True) to distil against the warped map anyway.")
+    if bad:
+        print_log(f"distillation: warping cached maps although {sorted(bad)} change the input in ways a warp "
+                  "cannot follow (spatial.ignore_non_warpable=True)", logger="current", level=30)
+    print_log(f"distillation: cached BEV maps are warped into each sample's augmented frame ({random_names})",
+              logger="current")
+
+
+def _apply_augmentation_policy(distiller: Any, dataset: Any, base: Any, pipeline_cfg: list) -> None:
+    from mmengine.dataset import Compose
+
+    from .pipeline import random_steps, strip_steps
 
     replay = find_replay_dataset(dataset)
     policy = distiller.augmentation
@@ -96,12 +149,15 @@ def _apply_augmentation_policy(distiller: Any, dataset: Any, base: Any) -> None:
     if replay is not None:
         raise ConfigError(f"the train dataset is wrapped in ReplayViewsDataset but augmentation={policy!r}: "
                           "set augmentation='replay', or remove the wrapper.")
-    steps = random_transform_steps(base)
+    steps = random_steps(pipeline_cfg, base)
+    names = [s.type for s in steps]
+    if policy == "warp":
+        _check_warpable(distiller, base, names)
+        return
     if not steps:
         return
-    names = [s.name for s in steps]
     if policy == "drop":
-        strip_built_steps(base, steps)
+        base.pipeline = Compose(strip_steps(pipeline_cfg, steps))  # loader workers start after this
         print_log(f"distillation: DROPPED the random train transforms {names} (augmentation='drop'): the student "
                   "trains without augmentation, which can leave it below a plain augmented student; "
                   "'replay' (a store with --views K) distils on augmented inputs", logger="current", level=30)

@@ -19,6 +19,17 @@ TEACHER_EPOCHS = int(os.environ.get("DEMO_TEACHER_EPOCHS", 4))
 STUDENT_EPOCHS = int(os.environ.get("DEMO_STUDENT_EPOCHS", 3))
 DATA = REPO / "data" / "synthetic-nus"
 OUT = REPO / "work_dirs" / "demo"
+DOCS = REPO / "docs" / "demo"
+
+
+def git_state() -> dict:
+    """The commit these results describe, and whether the tree had uncommitted changes."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
 def cfg_options(max_epochs: int) -> list[str]:
@@ -53,15 +64,21 @@ def main() -> None:
         ("student plain (256)", final_metrics(OUT / "student_plain"), times["student plain"]),
         ("student + cached CRD", final_metrics(OUT / "student_crd"), times["student + CRD"]),
     ]
-    print(f"\nbevcache demo: {TRAIN} train / {VAL} val synthetic samples, extraction {times['extract']:.0f} s\n")
-    print(f"| {'model':<24} | {'mAP':>6} | {'NDS':>6} | {'train s':>7} |")
-    print(f"|{'-' * 26}|{'-' * 8}|{'-' * 8}|{'-' * 9}|")
-    for name, metrics, seconds in rows:
-        print(f"| {name:<24} | {metrics['mAP']:6.3f} | {metrics['NDS']:6.3f} | {seconds:7.0f} |")
+    lines = [f"bevcache demo: {TRAIN} train / {VAL} val synthetic samples, extraction {times['extract']:.0f} s", "",
+             f"| {'model':<24} | {'mAP':>6} | {'NDS':>6} | {'train s':>7} |",
+             f"|{'-' * 26}|{'-' * 8}|{'-' * 8}|{'-' * 9}|"]
+    lines += [f"| {name:<24} | {m['mAP']:6.3f} | {m['NDS']:6.3f} | {sec:7.0f} |" for name, m, sec in rows]
+    print("\n" + "\n".join(lines))
     results = {"samples": {"train": TRAIN, "val": VAL}, "seconds": times,
-               "metrics": {name: m for name, m, _ in rows}}
+               "metrics": {name: m for name, m, _ in rows}, "git": git_state()}
     (OUT / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"\nresults: {OUT / 'results.json'}")
+    # The README's table comes from here: committed with the commit it describes (repo-relative paths only).
+    DOCS.mkdir(parents=True, exist_ok=True)
+    (DOCS / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (DOCS / "results.md").write_text("# `make demo` results\n\nWritten by `pipelines/demo.py` at commit "
+                                     f"{results['git']['commit']} (tree {'dirty' if results['git']['dirty'] else 'clean'})."
+                                     "\n\n```\n" + "\n".join(lines) + "\n```\n")
+    print(f"\nresults: {(DOCS / 'results.md').relative_to(REPO)}")
 
 
 if __name__ == "__main__":

@@ -50,3 +50,35 @@ def tiny_cfg(name: str, data_root: Path, *, batch_size: int = 2, workers: int = 
 
 def bevcache_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "bevcache.cli", *args]
+
+
+@pytest.fixture(scope="session")
+def teacher_ckpt(tmp_path_factory) -> str:
+    """Random but fixed tiny-teacher weights as a checkpoint (BN stats perturbed so eval differs from init)."""
+    import torch
+    from mmdet3d.registry import MODELS
+
+    from bevcache.runtime import load_config, setup_runtime
+
+    setup_runtime()
+    torch.manual_seed(123)
+    model = MODELS.build(load_config(CONFIGS / "tiny_teacher.py").model)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pth"
+    torch.save({"state_dict": model.state_dict(), "meta": {}}, path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def fp32_store(data_root, teacher_ckpt, tmp_path_factory) -> str:
+    """The tiny teacher's pooled pts_neck over the 12-sample data root, float32 (session-wide, read-only)."""
+    from bevcache.extract import ExtractOptions, extract
+
+    out = tmp_path_factory.mktemp("train-store") / "features.zarr"
+    extract(ExtractOptions(config=str(CONFIGS / "tiny_teacher.py"), checkpoint=teacher_ckpt, out=str(out),
+                           data_root=str(data_root), batch_size=3, num_workers=0, chunk_rows=4, dtype="float32",
+                           progress=False))
+    return str(out)

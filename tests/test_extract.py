@@ -18,7 +18,7 @@ from bevcache.errors import StoreError, StoreMismatch
 from bevcache.extract import ExtractOptions, extract
 from bevcache.store import open_store
 
-from .conftest import CONFIGS, REPO, bevcache_cmd, tiny_cfg
+from .conftest import CONFIGS, REPO, bevcache_cmd, teacher_ckpt, tiny_cfg  # noqa: F401  (teacher_ckpt: re-exported for older imports)
 
 TEACHER = str(CONFIGS / "tiny_teacher.py")
 
@@ -28,25 +28,6 @@ def _opts(data_root: Path, out: Path, **kw) -> ExtractOptions:
                 chunk_rows=4, dtype="float32", progress=False)
     base.update(kw)
     return ExtractOptions(**base)
-
-
-@pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory) -> str:
-    """Random but fixed teacher weights, saved as a checkpoint (BN stats perturbed so eval differs from init)."""
-    from mmdet3d.registry import MODELS
-
-    from bevcache.runtime import load_config, setup_runtime
-
-    setup_runtime()
-    torch.manual_seed(123)
-    model = MODELS.build(load_config(TEACHER).model)
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.running_mean.uniform_(-0.1, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pth"
-    torch.save({"state_dict": model.state_dict(), "meta": {}}, path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

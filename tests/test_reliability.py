@@ -27,7 +27,7 @@ from bevcache.store import open_store
 from bevcache.train import TrainOptions, build_train_config
 
 from .conftest import CONFIGS, REPO, bevcache_cmd
-from .test_extract import teacher_ckpt  # noqa: F401  (module fixture reused)
+
 
 TEACHER = str(CONFIGS / "tiny_teacher.py")
 STUDENT = str(CONFIGS / "tiny_student.py")

@@ -16,7 +16,6 @@ from bevcache.extract import ExtractOptions, extract
 from bevcache.train import TrainOptions, build_train_config, iteration_run
 
 from .conftest import CONFIGS, REPO, tiny_cfg
-from .test_extract import teacher_ckpt  # noqa: F401  (module fixture reused)
 
 STUDENT = str(CONFIGS / "tiny_student.py")
 TEACHER = str(CONFIGS / "tiny_teacher.py")
@@ -48,14 +47,6 @@ def run(cfg):
     runner.register_hook(rec)
     runner.train()
     return runner, rec
-
-
-@pytest.fixture(scope="module")
-def fp32_store(data_root, teacher_ckpt, tmp_path_factory) -> str:  # noqa: F811
-    out = tmp_path_factory.mktemp("train-store") / "features.zarr"
-    extract(ExtractOptions(config=TEACHER, checkpoint=teacher_ckpt, out=str(out), data_root=str(data_root),
-                           batch_size=3, num_workers=0, chunk_rows=4, dtype="float32", progress=False))
-    return str(out)
 
 
 def _cfg(data_root, **kw):

@@ -1,0 +1,139 @@
+"""CRDDistiller is self-sufficient: every check runs through plain `Runner.from_cfg` on the config form
+(configs/tiny_student_crd.py), with no help from `bevcache train`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from mmengine.config import Config
+from mmengine.hooks import Hook
+from mmengine.runner import Runner
+
+from bevcache.errors import ConfigError, StoreMismatch
+from bevcache.train import iteration_run
+
+from .conftest import CONFIGS
+
+CRD_CONFIG = CONFIGS / "tiny_student_crd.py"
+
+
+class Losses(Hook):
+    def __init__(self):
+        self.losses = []
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        self.losses.append({k: float(v) for k, v in outputs.items()})
+
+
+def crd_config(data_root: Path, store: str, work_dir: Path, *, iters: int = 2, **model) -> Config:
+    """The config form pointed at a data root and store, as a short iteration-based run."""
+    from bevcache.data import set_data_root
+
+    cfg = Config.fromfile(str(CRD_CONFIG))
+    set_data_root(cfg, str(data_root))
+    cfg.model.cache = store
+    cfg.model.update(model)
+    return iteration_run(cfg, work_dir=work_dir, iters=iters, batch_size=2, seed=3)
+
+
+def train(cfg: Config) -> tuple[Runner, Losses]:
+    runner = Runner.from_cfg(cfg)
+    rec = Losses()
+    runner.register_hook(rec)
+    runner.train()
+    return runner, rec
+
+
+def test_the_config_form_trains_and_takes_everything_from_the_store(data_root, fp32_store, tmp_path):
+    runner, rec = train(crd_config(data_root, fp32_store, tmp_path))
+    model = runner.model
+    crd = model.crd["pts_neck"]
+    assert model.num_data == 12 and crd.num_data == 12  # from the store, not a config number
+    assert crd.nce_k == 11  # 16384 clamped below n_data
+    assert crd.embed_t.in_features == 512 and crd.embed_s.in_features == 256  # widths: store, first batch
+    assert len(rec.losses) == 2 and rec.losses[0]["loss_crd_pts_neck"] > 0
+    assert (tmp_path / "student_weights.pth").is_file()  # StudentExportHook
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("num_data", 13, "num_data=13 in the config contradicts the store"),
+    ("teacher_dims", {"pts_neck": 256}, "teacher_dims['pts_neck']=256 in the config contradicts the store"),
+    ("pooling", "max", "pooling['pts_neck']='max' in the config contradicts the store"),
+])
+def test_values_contradicting_the_store_are_refused_naming_both(key, value, message, data_root, fp32_store, tmp_path):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")) as info:
+        Runner.from_cfg(crd_config(data_root, fp32_store, tmp_path, **{key: value}))
+    assert fp32_store in str(info.value)
+
+
+def test_nce_k_is_clamped_with_a_warning(data_root, fp32_store, tmp_path, caplog):
+    from mmengine.logging import MMLogger
+
+    MMLogger.get_instance("bevcache-test")  # a current logger for print_log
+    with caplog.at_level(logging.WARNING):
+        runner = Runner.from_cfg(crd_config(data_root, fp32_store, tmp_path, nce_k=100))
+    assert runner.model.crd["pts_neck"].nce_k == 11
+
+
+def test_training_without_the_distillation_hook_is_refused(data_root, fp32_store, tmp_path):
+    cfg = crd_config(data_root, fp32_store, tmp_path)
+    cfg.custom_hooks = []
+    with pytest.raises(ConfigError, match="DistillationHook"):
+        train(cfg)
+
+
+def test_another_dataset_is_refused_before_the_first_step(other_data_root, fp32_store, tmp_path):
+    with pytest.raises(StoreMismatch, match="not the dataset the store"):
+        train(crd_config(other_data_root, fp32_store, tmp_path))
+
+
+def test_samples_without_a_token_are_refused_with_the_fix(data_root, fp32_store, tmp_path):
+    cfg = crd_config(data_root, fp32_store, tmp_path)
+    cfg.train_dataloader.dataset.pipeline[-1].pop("meta_keys")  # mmdet3d's default meta keys lack 'token'
+    with pytest.raises(ConfigError, match=r"drops \['token'\].*meta_keys"):
+        train(cfg)
+
+
+AUGMENTED = [
+    dict(type="LoadPointsFromFile", coord_type="LIDAR", load_dim=5, use_dim=4),
+    dict(type="LoadAnnotations3D", with_bbox_3d=True, with_label_3d=True),
+    dict(type="GlobalRotScaleTrans", rot_range=[-0.3, 0.3], scale_ratio_range=[0.95, 1.05]),
+    dict(type="RandomFlip3D", flip_ratio_bev_horizontal=0.5),
+    dict(type="Pack3DDetInputs", keys=["points", "gt_bboxes_3d", "gt_labels_3d"], meta_keys=("sample_idx", "token")),
+]
+
+
+@pytest.mark.parametrize("policy", ["drop", "keep"])
+def test_random_transforms_follow_the_policy(policy, data_root, fp32_store, tmp_path):
+    cfg = crd_config(data_root, fp32_store, tmp_path, augmentation=policy)
+    cfg.train_dataloader.dataset.pipeline = AUGMENTED
+    runner, _ = train(cfg)
+    names = [type(t).__name__ for t in runner.train_dataloader.dataset.pipeline.transforms]
+    kept = {"GlobalRotScaleTrans", "RandomFlip3D"} <= set(names)
+    assert kept == (policy == "keep")
+    log = (Path(runner.log_dir) / f"{Path(runner.log_dir).name}.log").read_text()
+    assert ("DROPPED the random train transforms" in log) == (policy == "drop")
+    assert "GlobalRotScaleTrans" in log and "RandomFlip3D" in log
+
+
+def test_replay_without_its_wrapper_or_views_is_refused(data_root, fp32_store, tmp_path):
+    from bevcache.errors import StoreError
+
+    with pytest.raises(StoreError, match="needs a store with augmented views"):
+        Runner.from_cfg(crd_config(data_root, fp32_store, tmp_path, augmentation="replay"))
+
+
+def test_online_reference_needs_and_checks_num_data(data_root, teacher_ckpt, tmp_path):
+    from bevcache.runtime import load_config
+
+    teacher = load_config(CONFIGS / "tiny_teacher.py").model.to_dict()
+    cfg = crd_config(data_root, "unused", tmp_path)
+    cfg.model.pop("cache")
+    cfg.model.update(teacher=teacher, teacher_checkpoint=teacher_ckpt)
+    with pytest.raises(ConfigError, match="needs num_data"):
+        Runner.from_cfg(cfg)
+    cfg.model.num_data = 11
+    with pytest.raises(StoreMismatch, match="12 samples but the distiller's num_data has 11"):
+        train(cfg)
