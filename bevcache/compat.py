@@ -1,8 +1,11 @@
-"""The one place that patches a third-party library, applied when bevcache is imported.
+"""The one place that patches a third-party library, applied by `runtime.setup_runtime`.
 
-spconv 2.3.8's sparse-conv backward calls `torch.cuda.current_stream()` unconditionally, which
-fails on a CPU-only torch ("Torch not compiled with CUDA enabled") although the CPU kernels never
-use the stream. On CPU-only builds we make `get_current_stream` return 0; with CUDA it is a no-op.
+- spconv 2.3.8's sparse-conv backward calls `torch.cuda.current_stream()` unconditionally, which
+  fails on a CPU-only torch ("Torch not compiled with CUDA enabled") although the CPU kernels never
+  use the stream. On CPU-only builds we make `get_current_stream` return 0; with CUDA it is a no-op.
+- mmdet3d 1.4.0's DataBaseSampler (ObjectSample, in most mmdet3d LiDAR train pipelines) makes its
+  labels with `dtype=np.long`, an alias numpy removed in 1.24 and brought back in 2.0 (C long):
+  on numpy 1.24-1.26 every ObjectSample call fails ("module 'numpy' has no attribute 'long'").
 """
 
 from __future__ import annotations
@@ -34,6 +37,16 @@ def patch_spconv_for_cpu() -> bool:
             patched = True
     return patched
 
+
+def patch_numpy_long() -> bool:
+    """Give numpy < 2 the `np.long` mmdet3d 1.4.0 uses: `np.int_`, the C long there, which is what
+    numpy 2's `np.long` is. A no-op where numpy has it; returns True when patched."""
+    import numpy as np
+
+    if "long" in vars(np):  # numpy 2 (or older than 1.24); vars(): 1.24-1.26 raise from __getattr__
+        return False
+    np.long = np.int_
+    return True
 
 
 def trust_own_checkpoints_for_resume() -> None:

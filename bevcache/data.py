@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Sequence
+import logging
+import os
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
 from .errors import ConfigError, StoreMismatch
+
+log = logging.getLogger("bevcache")
 
 # Wrappers whose inner dataset keeps its own indexing (config key 'dataset').
 INDEX_PRESERVING_WRAPPERS = ("CBGSDataset", "RepeatDataset", "ClassBalancedDataset", "ReplayViewsDataset")
@@ -63,28 +67,104 @@ def test_pipeline(cfg: Any) -> list:
     raise ConfigError("the config has no test_pipeline (or test_dataloader.dataset.pipeline).")
 
 
+def _base_dataset_key(cfg: Any, split: str) -> str:
+    """The config key of the split's base dataset, e.g. 'train_dataloader.dataset.dataset' under CBGS."""
+    key, ds = f"{SPLIT_LOADERS[split]}.dataset", cfg[SPLIT_LOADERS[split]]["dataset"]
+    while ds.get("type") in INDEX_PRESERVING_WRAPPERS:
+        key, ds = key + ".dataset", ds["dataset"]
+    return key
+
+
 def build_base_dataset(cfg: Any, split: str = "train", *, pipeline: list | None = None):
     """Build the split's base dataset (same ann_file, classes, filtering, hence same order)."""
-    from mmdet3d.registry import DATASETS
-
     ds_cfg = base_dataset_cfg(cfg, split)
+    key = _base_dataset_key(cfg, split)
+    pipeline_key = None
     if pipeline is not None:
+        # Built from a deep copy: building mutates step configs (ObjectSample gives its db_sampler a
+        # 'type'), and callers record the pipeline they passed.
+        if "test_pipeline" in cfg and pipeline == cfg["test_pipeline"] and pipeline != ds_cfg.get("pipeline"):
+            pipeline_key = "test_pipeline"
+        ds_cfg["pipeline"] = copy.deepcopy(list(pipeline))
         # A test pipeline packs no labels; the empty-GT check (which only drops samples at
         # __getitem__ time, never from the index list) must not reject every sample.
-        ds_cfg["pipeline"] = pipeline
         ds_cfg["filter_empty_gt"] = False
-    try:
-        dataset = DATASETS.build(ds_cfg)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"cannot build the {split} dataset: {exc}. Check data_root/ann_file.") from None
-    except Exception as exc:  # mmengine fails serialising an empty info list with a bare ValueError
-        why = ("it has no samples (empty data_list in the info file)" if "at least one array" in str(exc)
-               else f"{type(exc).__name__}: {str(exc)[:300]}")
-        raise ConfigError(f"cannot build the {split} dataset ({ds_cfg.get('ann_file')}): {why}. "
-                          "Check data_root/ann_file.") from None
+    dataset = build_dataset_cfg(ds_cfg, f"the {split} dataset", key=key, pipeline_key=pipeline_key)
     if len(dataset) == 0:
         raise ConfigError(f"the {split} dataset ({ds_cfg.get('ann_file')}) is empty after filtering.")
     return dataset
+
+
+def build_dataset_cfg(ds_cfg: Any, what: str, *, key: str = "dataset", pipeline_key: str | None = None):
+    """DATASETS.build(ds_cfg); a missing data file is named by its config key (`key` is the dataset's)."""
+    from mmdet3d.registry import DATASETS
+
+    paths = list(data_paths(ds_cfg, key, pipeline_key=pipeline_key))
+    for name, path in paths:
+        if _is_local(path) and not os.path.exists(path):
+            raise ConfigError(f"cannot build {what}: {name} = {path} does not exist; point it at the file "
+                              "(the config, or --data-root).")
+    try:
+        return DATASETS.build(ds_cfg)
+    except FileNotFoundError as exc:
+        missing = str(exc.filename or exc)
+        named = [f"{name} = {path}" for name, path in paths if path == missing or os.path.basename(path) in missing]
+        raise ConfigError(f"cannot build {what}: " + (f"{named[0]} does not exist" if named else
+                          f"{exc}") + "; point it at the file (the config, or --data-root).") from None
+    except Exception as exc:  # mmengine fails serialising an empty info list with a bare ValueError
+        why = ("it has no samples (empty data_list in the info file)" if "at least one array" in str(exc)
+               else f"{type(exc).__name__}: {str(exc)[:300]}")
+        raise ConfigError(f"cannot build {what} ({ds_cfg.get('ann_file')}): {why}.") from None
+
+
+def _is_local(path: str) -> bool:
+    return bool(path) and "://" not in path
+
+
+def _join(root: Any, path: str) -> str:
+    """A data path as mmengine resolves it: relative paths are under the dataset's data_root."""
+    return path if not root or os.path.isabs(path) or "://" in path else os.path.join(str(root), path)
+
+
+def data_paths(ds_cfg: Any, key: str, *, pipeline_key: str | None = None) -> Iterator[tuple[str, str]]:
+    """(config key, path) of every data file a dataset config reads: ann_file (through wrappers)
+    and every database info file (`info_path`, e.g. ObjectSample's db_sampler) in its pipeline."""
+    if ds_cfg.get("ann_file"):
+        yield f"{key}.ann_file", _join(ds_cfg.get("data_root"), str(ds_cfg["ann_file"]))
+    if isinstance(ds_cfg.get("pipeline"), (list, tuple)):
+        yield from _info_paths(ds_cfg["pipeline"], pipeline_key or f"{key}.pipeline")
+    if isinstance(ds_cfg.get("dataset"), dict):
+        yield from data_paths(ds_cfg["dataset"], f"{key}.dataset")
+    for i, sub in enumerate(ds_cfg.get("datasets") or []):
+        yield from data_paths(sub, f"{key}.datasets[{i}]")
+
+
+def _info_paths(node: Any, key: str) -> Iterator[tuple[str, str]]:
+    if isinstance(node, dict):
+        if isinstance(node.get("info_path"), str):
+            yield f"{key}.info_path", node["info_path"]
+        for k, v in node.items():
+            yield from _info_paths(v, f"{key}.{k}")
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            yield from _info_paths(v, f"{key}[{i}]")
+
+
+def check_data_files(cfg: Any, loaders: Sequence[str] = tuple(SPLIT_LOADERS.values())) -> None:
+    """Refuse (ConfigError) a config whose dataloaders or evaluators name a local data file that
+    does not exist, naming the config key, e.g. `train_dataloader.dataset.pipeline[3].db_sampler.info_path`."""
+    found: list[tuple[str, str]] = []
+    for name in loaders:
+        if cfg.get(name) and isinstance(cfg[name].get("dataset"), dict):
+            found += data_paths(cfg[name]["dataset"], f"{name}.dataset")
+    for name in ("val_evaluator", "test_evaluator"):
+        ev = cfg.get(name)
+        for i, item in enumerate(ev if isinstance(ev, (list, tuple)) else [ev] if ev else []):
+            if isinstance(item, dict) and isinstance(item.get("ann_file"), str):
+                found.append((f"{name}{f'[{i}]' if isinstance(ev, (list, tuple)) else ''}.ann_file", item["ann_file"]))
+    for name, path in found:
+        if _is_local(path) and not os.path.exists(path):
+            raise ConfigError(f"{name} = {path} does not exist; point it at the file (the config, or --data-root).")
 
 
 def dataset_identity(dataset) -> tuple[list[str], list[int]]:
@@ -109,7 +189,8 @@ def ensure_index_meta(pipeline: list) -> None:
 
 
 def random_transforms(pipeline: Sequence[dict]) -> list[str]:
-    """Names of the random transforms in a pipeline config (nested ones included)."""
+    """Names of the known random transforms in a pipeline config (nested ones included): the fast,
+    data-free view; `pipeline.random_steps` finds every random step by running the pipeline."""
     found = []
     for step in pipeline:
         name = step.get("type", "")
@@ -123,7 +204,8 @@ def random_transforms(pipeline: Sequence[dict]) -> list[str]:
 
 
 def strip_random_transforms(pipeline: Sequence[dict]) -> list[dict]:
-    """A copy of the pipeline without its random transforms."""
+    """A copy of the pipeline without its known random transforms (by name; `pipeline.strip_steps`
+    removes exactly the steps `pipeline.random_steps` found)."""
     return [copy.deepcopy(s) for s in pipeline if str(s.get("type", "")).split(".")[-1] not in RANDOM_TRANSFORMS]
 
 
@@ -144,8 +226,13 @@ def batch_rows(data_samples: Sequence[Any], tokens: Sequence[str] | None, *, dev
             continue
         if not 0 <= row < len(tokens):
             raise StoreMismatch(f"sample index {row} is outside the store's {len(tokens)} rows.")
-        token = meta.get("token")
-        if token is not None and str(token) != tokens[row]:
+        if "token" not in meta:
+            raise ConfigError(
+                f"the sample of dataset index {row} carries no 'token', so its store row cannot be checked: keep "
+                "'sample_idx' and 'token' in Pack3DDetInputs.meta_keys of the student's train pipeline."
+            )
+        token = meta["token"]
+        if str(token) != tokens[row]:
             raise StoreMismatch(
                 f"sample index {row} has token {token!r} but the store's row {row} was made from "
                 f"{tokens[row]!r}: the dataset changed since extraction. Re-run `bevcache extract`."
@@ -155,20 +242,65 @@ def batch_rows(data_samples: Sequence[Any], tokens: Sequence[str] | None, *, dev
 
 
 def set_data_root(cfg: Any, data_root: str) -> None:
-    """Point every dataset (through wrappers) and nuScenes evaluator of a config at another data root."""
+    """Point every data path of a config at another data root: every dataset's data_root (through
+    wrappers), every database sampler's data_root and info_path (ObjectSample's db_sampler, in every
+    pipeline: the dataloaders' and pipeline variables such as train_pipeline), the evaluators'
+    data_root and ann_file, and the top-level data_root. Paths are moved from the old root(s) to the
+    new one; a path outside every old root is left as is (and named in a warning)."""
     root = data_root.rstrip("/") + "/"
-    for key in SPLIT_LOADERS.values():
-        ds = cfg.get(key, {}).get("dataset") if cfg.get(key) else None
-        while ds is not None:
-            if "data_root" in ds:
-                ds["data_root"] = root
-            ds = ds.get("dataset")
-    for key in ("val_evaluator", "test_evaluator"):
-        ev = cfg.get(key)
-        for item in ev if isinstance(ev, list) else [ev] if ev else []:
-            if "data_root" in item:
-                old = str(item["data_root"])
-                item["data_root"] = root
-                if str(item.get("ann_file", "")).startswith(old):
-                    item["ann_file"] = root + str(item["ann_file"])[len(old):]
+    datasets = [ds for key in SPLIT_LOADERS.values() if cfg.get(key) for ds in _datasets(cfg[key].get("dataset"))]
+    samplers = list(_with_info_path(cfg))
+    evaluators = [item for key in ("val_evaluator", "test_evaluator")
+                  for item in (cfg.get(key) if isinstance(cfg.get(key), (list, tuple)) else [cfg.get(key)])
+                  if isinstance(item, dict)]
+    old = {str(node["data_root"]) for node in datasets + samplers + evaluators if node.get("data_root")}
+    if cfg.get("data_root"):
+        old.add(str(cfg["data_root"]))
+    old = sorted({o.rstrip("/") for o in old if o.rstrip("/")}, key=len, reverse=True)
+
+    def rebase(path: str, what: str) -> str:
+        for o in old:
+            if path == o or path.startswith(o + "/"):
+                return root + path[len(o) + 1:]
+        log.warning("%s = %s is outside the config's data root(s) %s; left unchanged by --data-root", what, path, old)
+        return path
+
+    for ds in datasets:
+        if "data_root" in ds:
+            ds["data_root"] = root
+        if isinstance(ds.get("ann_file"), str) and os.path.isabs(ds["ann_file"]):  # relative: under data_root
+            ds["ann_file"] = rebase(ds["ann_file"], "a dataset's ann_file")
+    for sampler in samplers:
+        if "data_root" in sampler:
+            sampler["data_root"] = root
+        sampler["info_path"] = rebase(str(sampler["info_path"]), "a database sampler's info_path")
+    for item in evaluators:
+        if "data_root" in item:
+            item["data_root"] = root
+        if isinstance(item.get("ann_file"), str):
+            item["ann_file"] = rebase(item["ann_file"], "an evaluator's ann_file")
     cfg["data_root"] = root
+
+
+def _datasets(ds: Any) -> Iterator[Any]:
+    """A dataset config and every dataset config inside it (wrappers, ConcatDataset)."""
+    if isinstance(ds, dict):
+        yield ds
+        yield from _datasets(ds.get("dataset"))
+        for sub in ds.get("datasets") or []:
+            yield from _datasets(sub)
+
+
+def _with_info_path(node: Any) -> Iterator[Any]:
+    """Every dict anywhere in a config with an 'info_path' (database samplers), each once."""
+    seen: set[int] = set()
+    todo = [node]
+    while todo:
+        n = todo.pop()
+        if hasattr(n, "items") and not isinstance(n, (str, bytes)):  # dicts and mmengine's Config
+            if isinstance(n, dict) and isinstance(n.get("info_path"), str) and id(n) not in seen:
+                seen.add(id(n))
+                yield n
+            todo += [v for _, v in n.items()]
+        elif isinstance(n, (list, tuple)):
+            todo += list(n)
