@@ -121,6 +121,7 @@ def extract(**kwargs) -> None:
     click.echo(f"store {info['url']}: {info['num_complete']}/{info['num_samples']} rows, "
                f"{_size(info.get('bytes_on_disk'))} on disk, layers "
                + ", ".join(f"{k}[{v['dim']}]" for k, v in info["layers"].items())
+               + "".join(f", spatial {k}[{v['channels']}x{v['height']}x{v['width']}]" for k, v in (info.get("spatial") or {}).items())
                + (f", {info['views']} augmented views per sample" if info.get("views") else ""))
 
 
@@ -150,6 +151,9 @@ def info(store: str, as_json: bool) -> None:
     click.echo(f"rows       {data['num_complete']}/{data['num_samples']} complete")
     for name, layer in data["layers"].items():
         click.echo(f"layer      {name}: dim {layer['dim']}, {layer['dtype']}, {layer['pooling']} pooling")
+    for name, sp in (data.get("spatial") or {}).items():
+        click.echo(f"spatial    {name}: [{sp['channels']}, {sp['height']}, {sp['width']}] {sp['dtype']} maps, "
+                   f"{_size(sp.get('bytes_on_disk'))} on disk")
     if data.get("views"):
         click.echo(f"views      {data['views']} augmented views per sample (+ the un-augmented one)")
     click.echo(f"teacher    {json.dumps(data.get('teacher'), default=str)}")

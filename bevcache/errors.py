@@ -42,3 +42,7 @@ def os_error_text(exc: OSError) -> str:
 
 class CheckpointError(ConfigError):
     """A checkpoint is missing, unreadable, unsafe to unpickle, or does not fit its model."""
+
+
+class WarpError(ConfigError):
+    """A sample's recorded augmentation cannot be turned into one BEV warp."""

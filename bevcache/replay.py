@@ -12,21 +12,19 @@ prove the student saw the teacher's input. View 0 is the un-augmented (test pipe
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import difflib
 import hashlib
 import json
-import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from mmdet3d.registry import DATASETS, HOOKS
 from mmengine.hooks import Hook
 
 from .errors import ConfigError, StoreMismatch
+from .pipeline import reset_replay_state, seeded_rngs  # noqa: F401  (seeded_rngs: re-exported)
 
 SEED_SCHEME = "uint32 big-endian of sha256('<dataset sha256>:<index>:<view>')[:4]"
 VIEW_META = "replay_view"
@@ -43,21 +41,6 @@ def pick_view(run_seed: int, epoch: int, index: int, num_views: int) -> int:
     """The view (1..K) a sample shows in an epoch: uniform over K, fixed by (run seed, epoch, index)."""
     digest = hashlib.sha256(f"pick:{int(run_seed)}:{int(epoch)}:{int(index)}".encode()).digest()
     return 1 + int.from_bytes(digest[:8], "big") % num_views
-
-
-@contextlib.contextmanager
-def seeded_rngs(seed: int) -> Iterator[None]:
-    """Seed Python's, numpy's global and torch's CPU RNG for the block; restore all three after."""
-    py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
 
 
 def input_digest(packed: dict) -> int:
@@ -81,7 +64,11 @@ def input_digest(packed: dict) -> int:
 
 def augmented_sample(dataset, index: int, view: int, fingerprint: str) -> dict:
     """Base dataset sample `index` through its (training) pipeline under the seed of `view`, tagged."""
-    with seeded_rngs(view_seed(fingerprint, index, view)):
+    seed = view_seed(fingerprint, index, view)
+    with seeded_rngs(seed):
+        # Transforms with cross-call state (ObjectSample's database sampler) restart from the seed,
+        # so a view never depends on what this process sampled before.
+        reset_replay_state(dataset.pipeline, seed)
         packed = dataset.prepare_data(index)
     if packed is None:
         raise ConfigError(
@@ -97,14 +84,18 @@ def augmented_sample(dataset, index: int, view: int, fingerprint: str) -> dict:
 
 
 def pipeline_record(pipeline: Sequence[dict]) -> dict:
-    """JSON text and sha256 of a train pipeline, with Pack3DDetInputs' meta_keys left out
-    (training adds sample_idx/token to them; they change no point or box)."""
+    """JSON text and sha256 of a train pipeline config, with Pack3DDetInputs' meta_keys left out
+    (training adds sample_idx/token to them; they change no point or box). Record the config before
+    building from it, or pass it anyway: what building adds (ObjectSample gives its db_sampler the
+    default `type='DataBaseSampler'`) is filled in here, so a built and an unbuilt config agree."""
     steps = []
     for step in copy.deepcopy(list(pipeline)):
         step = dict(step)
         step["type"] = str(step.get("type", "")).split(".")[-1]
         if step["type"] == "Pack3DDetInputs":
             step.pop("meta_keys", None)
+        if isinstance(step.get("db_sampler"), dict):
+            step["db_sampler"] = {"type": "DataBaseSampler", **step["db_sampler"]}
         steps.append(step)
     text = json.dumps(steps, sort_keys=True, default=str)
     return {"pipeline": json.loads(text), "pipeline_sha256": hashlib.sha256(text.encode()).hexdigest()}
@@ -150,14 +141,32 @@ class ReplayViewsDataset:
     process (`ReplayEpochHook` calls it before every epoch). `dataset[(i, v)]` asks for a view.
     """
 
-    def __init__(self, dataset: dict | Any, num_views: int, fingerprint: str, seed: int = 0) -> None:
-        if int(num_views) < 1:
+    def __init__(self, dataset: dict | Any, num_views: int | None = None, fingerprint: str | None = None,
+                 seed: int = 0) -> None:
+        if num_views is not None and int(num_views) < 1:
             raise ConfigError(f"ReplayViewsDataset needs num_views >= 1. Got {num_views}.")
+        # The pipeline as configured, before building can add keys to it (ObjectSample's db_sampler).
+        self.pipeline_cfg = copy.deepcopy(list(dataset.get("pipeline") or [])) if isinstance(dataset, dict) else None
         self.dataset = DATASETS.build(dataset) if isinstance(dataset, dict) else dataset
-        self.num_views = int(num_views)
+        self.num_views = None if num_views is None else int(num_views)  # None: the distiller binds the store's K
+        if fingerprint is None:  # the views' seeds derive from the ordered tokens, as in extraction
+            from .data import dataset_identity
+            from .store import fingerprint_tokens
+
+            fingerprint = fingerprint_tokens(dataset_identity(self.dataset)[0])["sha256"]
         self.fingerprint = str(fingerprint)
         self.seed = int(seed)
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def bind(self, *, num_views: int, recorded: dict | None, where: str) -> None:
+        """Take the store's K and prove this pipeline is the one its views were made with
+        (the distiller calls it at before_train, before any loader worker starts)."""
+        if self.num_views is not None and self.num_views != int(num_views):
+            raise StoreMismatch(f"ReplayViewsDataset has num_views={self.num_views} but {where} holds {num_views} "
+                                "views per sample; drop num_views from the wrapper (it comes from the store).")
+        self.num_views = int(num_views)
+        if recorded is not None and self.pipeline_cfg is not None:
+            check_same_pipeline(recorded, self.pipeline_cfg, where=where)
 
     def set_epoch(self, epoch: int) -> None:
         self._epoch.fill_(int(epoch))
@@ -170,6 +179,9 @@ class ReplayViewsDataset:
         return len(self.dataset)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        if self.num_views is None:
+            raise ConfigError("ReplayViewsDataset has no num_views yet: a CRDDistiller with augmentation='replay' "
+                              "(through DistillationHook) sets it from the store, or pass num_views=K.")
         index, view = key if isinstance(key, tuple) else (key, pick_view(self.seed, self.epoch, key, self.num_views))
         return augmented_sample(self.dataset, int(index), int(view), self.fingerprint)
 

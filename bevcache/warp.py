@@ -24,11 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import ConfigError
-
-
-class WarpError(ConfigError):
-    """A sample's recorded augmentation cannot be turned into one BEV warp."""
+from .errors import ConfigError, WarpError  # noqa: F401  (WarpError: re-exported)
 
 
 # What each known train transform does to the BEV map of a scene: (warpable, why). `non_warpable`

@@ -143,7 +143,11 @@ def _apply_augmentation_policy(distiller: Any, dataset: Any, base: Any, pipeline
         if distiller.cache:
             replay.bind(num_views=distiller.num_views, recorded=distiller.view_record, where=distiller.cache)
         else:
-            replay.bind(num_views=distiller.num_views, recorded=None, where="the online teacher")
+            views = distiller.num_views or replay.num_views
+            if not views:
+                raise ConfigError("augmentation='replay' with an online teacher needs views=K (K >= 1) on the "
+                                  "distiller: the number of augmented views to draw from.")
+            replay.bind(num_views=views, recorded=None, where="the online teacher")
         print_log(f"distillation: replaying {replay.num_views} augmented views per sample", logger="current")
         return
     if replay is not None:
