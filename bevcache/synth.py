@@ -3,14 +3,19 @@
 A scene is a parked ego car whose 32-beam spinning LiDAR is ray-cast against a flat ground and
 cuboid objects of the 10 nuScenes detection classes (class-typical sizes, constant velocities,
 occlusion, range noise, dropout). `generate` writes the point clouds, mmdet3d v2 info pickles
-(`nuscenes_infos_{train,val}.pkl`, same keys and types as real converted infos) and a minimal
-`v1.0-mini` table set whose val split is the devkit's `mini_val` scenes, so the unchanged
-metric scores predictions on it. Everything is a pure function of the arguments and the seed.
+(`nuscenes_infos_{train,val}.pkl`, same keys and types as real converted infos), a minimal
+nuScenes table set per chosen version (`v1.0-mini`, `v1.0-trainval` or both) whose val split is
+the devkit's val scenes of that version, so the unchanged metric scores predictions on it, and
+the ground-truth database ObjectSample pastes from (`nuscenes_dbinfos_train.pkl`,
+`nuscenes_gt_database/`), made by mmdet3d's own creator. Everything is a pure function of the
+arguments and the seed; the version changes only the scene names in the tables.
 
 Samples are spread over scenes of 2..10 samples (0.5 s apart). Scenes take the devkit's split
 names in turn, so a split with more than 10 samples per name reuses names (harmless: the devkit
-selects evaluation samples by name). A one-sample split has no velocities (the devkit needs a
-neighbouring annotation), which caps NDS at 0.9: use num_val >= 2.
+selects evaluation samples by name). With both versions the names are those in the same split of
+both (mini_train's scene-0553 and scene-0796 are trainval val scenes, so they are not used). A
+one-sample split has no velocities (the devkit needs a neighbouring annotation), which caps NDS
+at 0.9: use num_val >= 2.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ import numpy as np
 
 from bevcache.errors import ConfigError
 
-VERSION = "v1.0-mini"
+VERSION = "v1.0-mini"  # the info pkls' metainfo version when the mini tables are written
+VERSIONS = ("v1.0-mini", "v1.0-trainval")
 CLASSES = (
     "car",
     "truck",
@@ -55,6 +61,10 @@ TRAIN_SCENE_NAMES = (
     "scene-1100",
 )
 VAL_SCENE_NAMES = ("scene-0103", "scene-0916")
+# mini_train names that v1.0-trainval also counts as train (its `train` list); both mini_val names are trainval val.
+BOTH_TRAIN_SCENE_NAMES = tuple(n for n in TRAIN_SCENE_NAMES if n not in ("scene-0553", "scene-0796"))
+GT_DATABASE = "nuscenes_gt_database"
+GT_DBINFOS = "nuscenes_dbinfos_train.pkl"
 
 SAMPLE_PERIOD_US = 500_000  # key frames at 2 Hz, as in nuScenes
 SWEEP_PERIOD_US = 50_000  # non-key LiDAR sweeps at 20 Hz
@@ -126,8 +136,12 @@ def generate(
     seed: int = 0,
     sweeps: int = 0,
     progress: bool = False,
+    version: str | tuple[str, ...] = "both",
+    gt_database: bool = True,
 ) -> dict:
-    """Write a synthetic nuScenes-format dataset (points, v2 info pkls, v1.0-mini tables) and return a summary."""
+    """Write a synthetic nuScenes-format dataset (points, v2 info pkls, tables of `version`:
+    'v1.0-mini', 'v1.0-trainval' or 'both'; the ground-truth database) and return a summary."""
+    versions = _versions(version)
     if num_train < 1 or num_val < 1:
         raise ConfigError(
             f"num_train and num_val must be >= 1. Got num_train={num_train}, num_val={num_val}."
@@ -140,7 +154,9 @@ def generate(
     taken = [
         p.name
         for p in (
-            out / VERSION,
+            *(out / v for v in VERSIONS),
+            out / GT_DATABASE,
+            out / GT_DBINFOS,
             out / "samples",
             out / "sweeps",
             out / "maps",
@@ -153,17 +169,19 @@ def generate(
         raise ConfigError(
             f"{out} already holds a dataset ({', '.join(taken)}); choose an empty directory or delete it."
         )
-    for sub in ("samples/LIDAR_TOP", "sweeps/LIDAR_TOP", "maps", VERSION):
+    for sub in ("samples/LIDAR_TOP", "sweeps/LIDAR_TOP", "maps", *versions):
         (out / sub).mkdir(parents=True, exist_ok=True)
 
     tables = _static_tables()
-    summary: dict = {"out_dir": str(out), "version": VERSION, "seed": seed, "sweeps": sweeps}
+    summary: dict = {"out_dir": str(out), "version": versions[0], "versions": list(versions), "seed": seed,
+                     "sweeps": sweeps}
     n_points = 0
-    for split_id, (split, n, names) in enumerate(
-        (("train", num_train, TRAIN_SCENE_NAMES), ("val", num_val, VAL_SCENE_NAMES))
+    train_names, val_names = _scene_names(versions)
+    for split_id, (split, n, names, slots) in enumerate(
+        (("train", num_train, train_names, len(TRAIN_SCENE_NAMES)), ("val", num_val, val_names, len(VAL_SCENE_NAMES)))
     ):
         infos: list[dict] = []
-        sizes = _scene_sizes(n, len(names))
+        sizes = _scene_sizes(n, slots)  # the mini split's name counts: the data never depends on the version
         for scene_idx, n_samples in enumerate(sizes):
             n_points += _write_scene(
                 out,
@@ -182,7 +200,7 @@ def generate(
         metainfo = {
             "categories": {c: i for i, c in enumerate(CLASSES)},
             "dataset": "nuscenes",
-            "version": VERSION,
+            "version": versions[0],
             "info_version": "1.1",
         }
         pkl = out / f"nuscenes_infos_{split}.pkl"
@@ -208,11 +226,67 @@ def generate(
     ]
     (out / "maps" / f"{map_token}.png").write_bytes(_blank_png(8, 8))
     for name in sorted(tables):
-        with open(out / VERSION / f"{name}.json", "w") as f:
-            json.dump(tables[name], f, indent=1)
+        text = json.dumps(tables[name], indent=1)
+        for v in versions:
+            (out / v / f"{name}.json").write_text(text)
     summary["num_boxes"] = summary["num_train_boxes"] + summary["num_val_boxes"]
     summary["points_per_sample_mean"] = n_points / (num_train + num_val)
+    if gt_database:
+        summary["gt_database"] = write_gt_database(out, progress=progress)
     return summary
+
+
+def _versions(version: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """The table versions to write, in VERSIONS order, from 'both', one name or several."""
+    wanted = set(VERSIONS) if version == "both" else {version} if isinstance(version, str) else set(version)
+    if not wanted or not wanted <= set(VERSIONS):
+        raise ConfigError(f"version must be one of {[*VERSIONS, 'both']}. Got {version!r}.")
+    return tuple(v for v in VERSIONS if v in wanted)
+
+
+def _scene_names(versions: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(train, val) scene names that every chosen version's devkit split puts in that split."""
+    if versions == ("v1.0-mini",):
+        return TRAIN_SCENE_NAMES, VAL_SCENE_NAMES
+    if versions == ("v1.0-trainval",):
+        from nuscenes.utils import splits  # the official 700 train / 150 val names: no name repeats
+
+        return tuple(splits.train), tuple(splits.val)
+    return BOTH_TRAIN_SCENE_NAMES, VAL_SCENE_NAMES
+
+
+def write_gt_database(out: str | Path, *, progress: bool = False) -> dict:
+    """Write `nuscenes_dbinfos_train.pkl` and `nuscenes_gt_database/` for the train infos with
+    mmdet3d's own creator (`tools/dataset_converters/create_gt_database.py` in the wheel), exactly as
+    its create_data.py does for nuScenes: the points of the key frame and its sweeps (up to 10)
+    inside each valid box, relative to the box centre, time lag in column 4."""
+    import contextlib
+    import importlib.util
+    import io
+    import time
+
+    import mmdet3d
+
+    from .runtime import setup_runtime
+
+    setup_runtime()  # registries and the default scope the creator's dataset is built in
+    path = Path(mmdet3d.__file__).parent / ".mim" / "tools" / "dataset_converters" / "create_gt_database.py"
+    if not path.is_file():
+        raise ConfigError(f"mmdet3d's ground-truth database creator is missing ({path}); install mmdet3d from its "
+                          "wheel (make setup), or pass gt_database=False.")
+    spec = importlib.util.spec_from_file_location("bevcache_mmdet3d_create_gt_database", path)
+    creator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(creator)
+    if not progress:  # its progress bar writes to the stdout bound at mmengine's import, and it prints counts
+        creator.track_iter_progress = lambda tasks: tasks
+    out = Path(out)
+    start = time.perf_counter()
+    with contextlib.nullcontext() if progress else contextlib.redirect_stdout(io.StringIO()):
+        creator.create_groundtruth_database("NuScenesDataset", str(out), "nuscenes", "nuscenes_infos_train.pkl")
+    with open(out / GT_DBINFOS, "rb") as f:
+        infos = pickle.load(f)
+    return {"dbinfos": str(out / GT_DBINFOS), "objects": sum(len(v) for v in infos.values()),
+            "classes": len(infos), "seconds": round(time.perf_counter() - start, 3)}
 
 
 def _write_scene(

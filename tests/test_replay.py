@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import random
 import signal
 import subprocess
@@ -289,3 +290,87 @@ def test_replay_works_inside_cbgs_with_loader_workers(views_store, data_root, tm
     runner.register_hook(rec)
     runner.train()  # the distiller checks every sample's input digest against the store
     assert len(rec.views) == 6 and set(rec.views) <= {1, 2}  # every sample showed a cached view
+
+
+# -- ObjectSample: a database sampler with state across calls, replayed from the view seed ------------
+
+
+def _object_sample_dataset(cfg, data_root):
+    from mmdet3d.registry import DATASETS
+
+    from .test_pipeline import augmented_with_object_sample
+
+    return DATASETS.build(dict(copy.deepcopy(cfg.train_dataloader.dataset),
+                               pipeline=augmented_with_object_sample(cfg, data_root)))
+
+
+def _view_digests(dataset, keys) -> list[tuple[tuple[int, int], int, int]]:
+    """(key, input digest, number of boxes) of views made in this order, with unseeded calls in between."""
+    from bevcache.replay import augmented_sample
+
+    out = []
+    for index, view in keys:
+        dataset.prepare_data(index)  # an unseeded call: moves the database sampler on, as training would
+        packed = augmented_sample(dataset, index, view, "fingerprint")
+        out.append(((index, view), packed["data_samples"].metainfo[DIGEST_META],
+                    len(packed["data_samples"].gt_instances_3d.labels_3d)))
+    return out
+
+
+def test_object_sample_views_depend_only_on_their_seed(data_root, monkeypatch):
+    cfg = tiny_cfg("tiny_teacher.py", data_root)
+    keys = [(i, v) for i in (0, 5, 9) for v in (1, 2)]
+    forward = _view_digests(_object_sample_dataset(cfg, data_root), keys)
+    backward = _view_digests(_object_sample_dataset(cfg, data_root), keys[::-1] + keys)  # another process order
+    seen = {}
+    for key, digest, _ in forward + backward:
+        assert seen.setdefault(key, digest) == digest, key  # bit-identical whatever was sampled before
+    assert len(set(seen.values())) == len(keys)  # every view is another input
+    base = _object_sample_dataset(cfg, data_root)
+    plain = {i: len(base.get_data_info(i)["ann_info"]["gt_labels_3d"]) for i in (0, 5, 9)}
+    assert all(n > plain[key[0]] for key, _, n in forward)  # ObjectSample pasted objects into every view
+
+    from bevcache import pipeline
+
+    monkeypatch.setattr(pipeline, "_REPLAY_RESETS", {})  # without the reset the sampler's position leaks in
+    forward = _view_digests(_object_sample_dataset(cfg, data_root), keys)
+    backward = _view_digests(_object_sample_dataset(cfg, data_root), keys[::-1])
+    assert dict((k, d) for k, d, _ in forward) != dict((k, d) for k, d, _ in backward)
+
+
+def test_a_transform_whose_output_the_seed_does_not_fix_is_refused(data_root, monkeypatch):
+    from bevcache import pipeline
+
+    from .test_pipeline import _register, augmented_with_object_sample
+
+    _register()
+    cfg = tiny_cfg("tiny_teacher.py", data_root)
+    steps = augmented_with_object_sample(cfg, data_root)
+    monkeypatch.setattr(pipeline, "_PROBES", {})
+    pipeline.check_replayable(steps, cfg.train_dataloader.dataset)  # replayable: no error
+    jitter = steps[:3] + [dict(type="BevcacheTestUnseededJitter")] + steps[3:]
+    with pytest.raises(ConfigError, match="BevcacheTestUnseededJitter .* gave two different outputs for the same seed"):
+        pipeline.check_replayable(jitter, cfg.train_dataloader.dataset)
+    monkeypatch.setattr(pipeline, "_REPLAY_RESETS", {})
+    monkeypatch.setattr(pipeline, "_PROBES", {})
+    with pytest.raises(ConfigError, match=r"ObjectSample \(step 2 ObjectSample .*Remove ObjectSample"):
+        pipeline.check_replayable(steps, cfg.train_dataloader.dataset)
+
+
+def test_the_pipeline_record_is_the_same_before_and_after_building(data_root):
+    from mmdet3d.registry import DATASETS
+
+    from bevcache.data import build_base_dataset
+    from bevcache.replay import check_same_pipeline, pipeline_record
+
+    from .test_pipeline import augmented_with_object_sample
+
+    cfg = tiny_cfg("tiny_teacher.py", data_root)
+    steps = augmented_with_object_sample(cfg, data_root)
+    before = pipeline_record(steps)
+    build_base_dataset(cfg, "train", pipeline=steps)
+    assert "type" not in steps[2]["db_sampler"]  # built from a deep copy
+    DATASETS.build(dict(copy.deepcopy(cfg.train_dataloader.dataset), pipeline=steps))
+    assert steps[2]["db_sampler"]["type"] == "DataBaseSampler"  # mmdet3d's ObjectSample mutates its config
+    assert pipeline_record(steps) == before
+    check_same_pipeline(before, steps, where="test")

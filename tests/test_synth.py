@@ -78,12 +78,15 @@ def _nuscenes_dataset(root: Path, ann_file: str, pipeline=PIPELINE, **kwargs):
     )
 
 
-def test_scene_names_are_the_devkit_mini_splits():
+def test_scene_names_are_the_devkit_splits():
     from nuscenes.utils.splits import create_splits_scenes
 
     splits = create_splits_scenes()
     assert list(synth.TRAIN_SCENE_NAMES) == splits["mini_train"]
     assert list(synth.VAL_SCENE_NAMES) == splits["mini_val"]
+    # with both table versions a scene must be in the same split of each
+    assert set(synth.BOTH_TRAIN_SCENE_NAMES) == set(splits["mini_train"]) & set(splits["train"])
+    assert set(synth.VAL_SCENE_NAMES) <= set(splits["val"])
 
 
 def test_same_seed_gives_identical_files_other_seed_differs(tmp_path, sweep_data):
@@ -247,7 +250,7 @@ def test_tables_open_in_the_devkit_with_real_sequences(data):
 
     out, _ = data
     nusc = NuScenes(version="v1.0-mini", dataroot=str(out), verbose=False)
-    assert {s["name"] for s in nusc.scene} == set(synth.TRAIN_SCENE_NAMES) | set(
+    assert {s["name"] for s in nusc.scene} == set(synth.BOTH_TRAIN_SCENE_NAMES) | set(
         synth.VAL_SCENE_NAMES
     )
     assert len(nusc.sample) == 24
@@ -317,3 +320,147 @@ def test_rejects_bad_arguments(tmp_path, data):
         synth.generate(tmp_path / "b", num_train=1, num_val=1, sweeps=10)
     with pytest.raises(ConfigError, match="already holds a dataset"):
         synth.generate(data[0], num_train=1, num_val=1)
+
+
+# -- table versions ---------------------------------------------------------------------------------
+
+
+def _scene_names_by_split(out: Path, version: str) -> dict[str, set[str]]:
+    from nuscenes import NuScenes
+
+    nusc = NuScenes(version=version, dataroot=str(out), verbose=False)
+    return {split: {nusc.get("scene", nusc.get("sample", info["token"])["scene_token"])["name"]
+                    for info in _infos(out, split)} for split in ("train", "val")}
+
+
+def test_both_versions_by_default_each_with_its_official_split(data):
+    from nuscenes.utils.splits import create_splits_scenes
+
+    out, summary = data
+    assert summary["versions"] == ["v1.0-mini", "v1.0-trainval"] and summary["version"] == "v1.0-mini"
+    splits = create_splits_scenes()
+    for version, (train, val) in (("v1.0-mini", ("mini_train", "mini_val")), ("v1.0-trainval", ("train", "val"))):
+        names = _scene_names_by_split(out, version)
+        assert names["train"] <= set(splits[train]) and names["val"] <= set(splits[val]), version
+        assert _tree_digest(out / version) == _tree_digest(out / "v1.0-mini")
+
+
+def test_one_version_alone(tmp_path, data):
+    from nuscenes.utils.splits import create_splits_scenes
+
+    splits = create_splits_scenes()
+    trainval = synth.generate(tmp_path / "tv", num_train=16, num_val=8, seed=0, version="v1.0-trainval",
+                              gt_database=False)
+    assert trainval["versions"] == ["v1.0-trainval"] and not (tmp_path / "tv" / "v1.0-mini").exists()
+    names = _scene_names_by_split(tmp_path / "tv", "v1.0-trainval")
+    assert names["train"] <= set(splits["train"]) and names["val"] <= set(splits["val"])
+    assert len(names["train"]) == trainval["num_train_scenes"]  # 700 official names: none repeats
+    with open(tmp_path / "tv" / "nuscenes_infos_val.pkl", "rb") as f:
+        assert pickle.load(f)["metainfo"]["version"] == "v1.0-trainval"
+    mini = synth.generate(tmp_path / "mini", num_train=16, num_val=8, seed=0, version="v1.0-mini", gt_database=False)
+    assert _scene_names_by_split(tmp_path / "mini", "v1.0-mini")["train"] == set(synth.TRAIN_SCENE_NAMES)
+    # the version changes scene names only: the same points and infos
+    for other in ("tv", "mini"):
+        mine, theirs = _tree_digest(data[0]), _tree_digest(tmp_path / other)
+        assert {k: v for k, v in theirs.items() if k.startswith("samples")} == \
+            {k: v for k, v in mine.items() if k.startswith("samples")}
+    assert mini["num_train_boxes"] == trainval["num_train_boxes"] == data[1]["num_train_boxes"]
+    with pytest.raises(ConfigError, match="version must be one of"):
+        synth.generate(tmp_path / "bad", num_train=1, num_val=1, version="v1.0-test")
+
+
+def test_trainval_tables_score_ground_truth_as_one(data):
+    from .test_evaluation import PREFIX, _dataset, _evaluate
+
+    out, _ = data
+    val_set = (out, _dataset(out))  # NuScenesDataset's default version: v1.0-trainval, as BEVFusion's config
+    assert val_set[1].metainfo["version"] == "v1.0-trainval"
+    res = _evaluate(val_set, lambda ann: (ann["gt_bboxes_3d"].tensor.numpy(), ann["gt_labels_3d"]))
+    assert res[f"{PREFIX}/mAP"] > 0.99 and res[f"{PREFIX}/NDS"] > 0.99
+
+
+# -- the ground-truth database ----------------------------------------------------------------------
+
+
+def test_gt_database_holds_every_valid_train_box_with_its_points(data):
+    out, summary = data
+    with open(out / synth.GT_DBINFOS, "rb") as f:
+        db = pickle.load(f)
+    assert summary["gt_database"]["objects"] == sum(len(v) for v in db.values()) == summary["num_train_boxes"]
+    assert set(db) <= set(synth.CLASSES) and len(db) == len(synth.CLASSES)
+    by_sample = {info["sample_idx"]: info for info in _infos(out, "train")}
+    for name, objects in db.items():
+        for obj in objects:
+            pts = np.fromfile(out / obj["path"], dtype=np.float32).reshape(-1, 5)
+            assert len(pts) == obj["num_points_in_gt"] > 0
+            valid = [i for i in by_sample[obj["image_idx"]]["instances"] if i["bbox_3d_isvalid"]]
+            ins = valid[obj["gt_idx"]]
+            assert synth.CLASSES[ins["bbox_label_3d"]] == name
+            # the key frame's points (no sweeps here), time column zeroed by LoadPointsFromMultiSweeps
+            assert obj["num_points_in_gt"] == ins["num_lidar_pts"] and not pts[:, 4].any()
+            np.testing.assert_allclose(obj["box3d_lidar"][:2], ins["bbox_3d"][:2], atol=1e-5)
+            assert np.abs(pts[:, :2]).max() < max(ins["bbox_3d"][3:5])  # relative to the box centre
+
+
+def test_object_sample_pastes_from_the_gt_database(data):
+    from .test_pipeline import object_sample
+
+    out, _ = data
+    pipeline = PIPELINE[:2] + [object_sample(out, synth.CLASSES, use_dim=5)] + PIPELINE[2:]
+    ds = _nuscenes_dataset(out, "nuscenes_infos_train.pkl", pipeline=pipeline)
+    plain = _nuscenes_dataset(out, "nuscenes_infos_train.pkl")
+    from bevcache.compat import patch_numpy_long
+
+    patch_numpy_long()  # mmdet3d 1.4.0's np.long on numpy 1.26 (setup_runtime applies it)
+    np.random.seed(0)
+    pasted, base = ds[0]["data_samples"].gt_instances_3d, plain[0]["data_samples"].gt_instances_3d
+    assert len(pasted.labels_3d) > len(base.labels_3d)
+    assert torch.equal(pasted.bboxes_3d.tensor[: len(base.labels_3d)], base.bboxes_3d.tensor)
+
+
+@pytest.mark.slow
+def test_zoo_centerpoint_trains_with_object_sample_on_the_synthetic_gt_database(data_root, tmp_path):
+    """mmdet3d's own CenterPoint pillar config (ObjectSample, 9 sweeps, CBGS), only shrunk to a +-25.6 m
+    grid for the CPU, trains through mmengine's Runner on the synthetic root and its gt database."""
+    from mmengine.hooks import Hook
+    from mmengine.runner import Runner
+
+    from bevcache.compat import patch_numpy_long
+    from bevcache.data import check_data_files, set_data_root
+    from bevcache.runtime import setup_runtime
+    from bevcache.train import iteration_run
+
+    from .test_data import zoo_config
+
+    setup_runtime()
+    patch_numpy_long()  # mmdet3d 1.4.0's np.long on numpy 1.26 (setup_runtime applies it)
+    cfg = zoo_config()
+    set_data_root(cfg, str(data_root))
+    check_data_files(cfg, ["train_dataloader"])
+    pcr, grid = [-25.6, -25.6, -5.0, 25.6, 25.6, 3.0], 256
+    model = cfg.model
+    model.data_preprocessor.voxel_layer.point_cloud_range = model.pts_voxel_encoder.point_cloud_range = pcr
+    model.pts_middle_encoder.output_shape = [grid, grid]
+    model.train_cfg.pts.update(point_cloud_range=pcr, grid_size=[grid, grid, 1])
+    model.pts_bbox_head.bbox_coder.pc_range = model.test_cfg.pts.pc_range = pcr[:2]
+    pipeline = cfg.train_dataloader.dataset.dataset.pipeline
+    assert [s.type for s in pipeline].count("ObjectSample") == 1
+    for step in pipeline:
+        if "point_cloud_range" in step:
+            step.point_cloud_range = pcr
+
+    class Boxes(Hook):
+        def __init__(self):
+            self.seen, self.losses = [], []
+
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+            self.seen += [(int(s.sample_idx), len(s.gt_instances_3d.labels_3d)) for s in data_batch["data_samples"]]
+            self.losses.append(float(sum(v for k, v in outputs.items() if "loss" in k)))
+
+    runner = Runner.from_cfg(iteration_run(cfg, work_dir=tmp_path, iters=2, batch_size=1, workers=0, seed=0))
+    rec = Boxes()
+    runner.register_hook(rec)
+    runner.train()
+    assert len(rec.losses) == 2 and all(np.isfinite(rec.losses))
+    plain = {i["sample_idx"]: sum(x["bbox_3d_isvalid"] for x in i["instances"]) for i in _infos(data_root, "train")}
+    assert any(n > plain[idx] for idx, n in rec.seen)  # pasted objects reached the model
