@@ -34,7 +34,16 @@ from .replay import DIGEST_META, VIEW_META
 
 # What to do with random train transforms: drop them, keep them (the cached vector then describes
 # another input), or replay the store's augmented views exactly (bevcache.replay).
-AUGMENTATION_POLICIES = ("drop", "keep", "replay", "warp")
+AUGMENTATION_POLICIES = ("auto", "drop", "keep", "replay", "warp")
+
+
+def resolve_augmentation(policy: str, *, store_views: int = 0, spatial: bool = False) -> str:
+    """'auto' (the default) never trains the student without its augmentation: replay the store's
+    views when it has some, warp cached maps when spatial layers are distilled, else keep the random
+    transforms (pooled vectors are nearly invariant to BEV flips and rotations; docs/quality)."""
+    if policy != "auto":
+        return policy
+    return "replay" if store_views else "warp" if spatial else "keep"
 # Spatial distillation settings (`spatial=dict(...)`) and their defaults.
 SPATIAL_DEFAULTS = dict(layers={"pts_neck": "pts_neck"}, weight=1.0, loss="mse", fg_weight=1.0, bg_weight=0.1,
                         contrastive=False, contrastive_weight=0.1, tau=0.1, bev_range=None, grid=None,
@@ -74,7 +83,7 @@ class CRDDistiller(BaseModel):
         nce_t: float = 0.07,
         nce_m: float = 0.5,
         z_momentum: float | None = None,
-        augmentation: str = "drop",
+        augmentation: str = "auto",
         views: int | None = None,
         spatial: dict | None = None,
         init_cfg: dict | None = None,
@@ -98,9 +107,14 @@ class CRDDistiller(BaseModel):
             raise ConfigError("CRDDistiller: layers must map student layer names to teacher layer names, "
                               f"e.g. dict(pts_neck='pts_neck'). Got {layers!r}.")
         self.alpha = float(alpha)
-        self.augmentation = augmentation
+        if augmentation == "auto" and cache is not None:
+            from .store import open_store
+
+            augmentation = resolve_augmentation("auto", store_views=open_store(cache).num_views,
+                                                spatial=bool(spatial))
+        self.augmentation = resolve_augmentation(augmentation, spatial=bool(spatial))
         self.cache = cache
-        self.replay = augmentation == "replay"
+        self.replay = self.augmentation == "replay"
         self.num_views = views
         self.view_digests = None
         self.teacher = None

@@ -35,7 +35,7 @@ log = logging.getLogger("bevcache")
 
 # The `distill = dict(...)` section of the older config form, and its defaults.
 DISTILL_DEFAULTS = dict(cache=None, layers={"pts_neck": "pts_neck"}, alpha=1.0, feat_dim=128, nce_k=16384,
-                        nce_t=0.07, nce_m=0.5, z_momentum=None, pooling=None, augmentation="drop", views=None,
+                        nce_t=0.07, nce_m=0.5, z_momentum=None, pooling=None, augmentation="auto", views=None,
                         spatial=None)
 # Hooks every distillation run gets (a config may list them itself).
 DISTILL_HOOKS = ("DistillationHook", "StudentExportHook")
@@ -142,6 +142,12 @@ def build_train_config(opts: TrainOptions):
                      trust_checkpoint=opts.trust_checkpoint)
         model["num_data"] = len(build_base_dataset(cfg, "train", pipeline=test_pipeline(cfg)))
     cfg.model = model
+    if model.get("augmentation", "auto") == "auto" and model.get("cache"):
+        from .distiller import resolve_augmentation
+        from .store import open_store
+
+        model["augmentation"] = resolve_augmentation("auto", store_views=open_store(model["cache"]).num_views,
+                                                     spatial=bool(model.get("spatial")))
     if model.get("augmentation") == "replay":
         _wrap_for_replay(cfg)
     if model.get("cache"):

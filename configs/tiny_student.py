@@ -17,5 +17,5 @@ distill = dict(
     nce_t=0.07,
     nce_m=0.5,
     pooling=None,                      # None: the pooling the store was made with
-    augmentation='drop',               # random train transforms: 'drop' them, or 'keep' (mismatch)
+    augmentation='auto',               # random train transforms: 'auto' (replay views / warp maps / keep), 'drop', 'keep', 'replay', 'warp'
 )

@@ -18,7 +18,7 @@ model = dict(
     nce_k=16384,                       # clamped below the number of training samples (with a warning)
     nce_t=0.07,
     nce_m=0.5,
-    augmentation='drop',               # random train transforms: 'drop', 'keep' or 'replay'
+    augmentation='auto',               # 'auto': replay the store's views, warp spatial maps, else keep; or 'drop', 'keep', 'replay', 'warp'
 )
 distill = None  # the older form's section (tiny_student.py): unused, the model section says it all
 custom_hooks = [
