@@ -270,10 +270,12 @@ def write_gt_database(out: str | Path, *, progress: bool = False) -> dict:
     from .runtime import setup_runtime
 
     setup_runtime()  # registries and the default scope the creator's dataset is built in
-    path = Path(mmdet3d.__file__).parent / ".mim" / "tools" / "dataset_converters" / "create_gt_database.py"
-    if not path.is_file():
-        raise ConfigError(f"mmdet3d's ground-truth database creator is missing ({path}); install mmdet3d from its "
-                          "wheel (make setup), or pass gt_database=False.")
+    package = Path(mmdet3d.__file__).parent
+    where = [package / ".mim" / "tools", package.parent / "tools"]  # the wheel; a checkout on sys.path
+    path = next((p for p in (w / "dataset_converters" / "create_gt_database.py" for w in where) if p.is_file()), None)
+    if path is None:
+        raise ConfigError(f"mmdet3d's ground-truth database creator is missing (looked in {[str(w) for w in where]}); "
+                          "install mmdet3d from its wheel (make setup), or pass gt_database=False.")
     spec = importlib.util.spec_from_file_location("bevcache_mmdet3d_create_gt_database", path)
     creator = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(creator)

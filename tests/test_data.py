@@ -21,7 +21,9 @@ def zoo_config(name: str = ZOO_CENTERPOINT):
     import mmdet3d
     from mmengine.config import Config
 
-    return Config.fromfile(str(Path(mmdet3d.__file__).parent / ".mim" / "configs" / name))
+    package = Path(mmdet3d.__file__).parent  # the wheel keeps configs in .mim; a checkout beside the package
+    return Config.fromfile(str(next(p for p in (package / ".mim" / "configs" / name, package.parent / "configs" / name)
+                                    if p.is_file())))
 
 
 def _strings(node, key: str = ""):
