@@ -9,6 +9,15 @@ and the same with the teacher's augmentation (configs/tiny_student_replay.py):
   (a+) plain, augmented                     `--plain`
   (c+) online CRD, augmented                `--teacher-online ... --distill augmentation=keep`
   (d)  cached CRD + augmentation replay     `--cache features-views<K>.zarr` (`bevcache extract --views K`)
+  (b+) cached CRD, augmentation kept        `--cache features.zarr --distill augmentation=keep`
+and spatial (BEV map) distillation of pts_neck, augmented (`bevcache extract --spatial pts_neck=<grid>`):
+  (e)  spatial cached + warp                `--cache features-spatial<G>.zarr`, layers={} (no CRD), augmentation='warp'
+  (f)  spatial online                       `--teacher-online ...`, layers={}, spatial channels/grid, augmentation='keep'
+  (g)  spatial cached + replay              `--cache features-views<K>-spatial<G>.zarr`, layers={}, augmentation='replay'
+  (h)  CRD + spatial cached + warp          `--cache features-spatial<G>.zarr`, pooled CRD + spatial, augmentation='warp'
+The spatial variants' `distill` settings are written into a generated student config
+(<out>/configs/<variant>.py, `_base_` = configs/tiny_student_replay.py): `--distill key=value`
+cannot carry a dict with more than one key (mmengine's DictAction splits it at the commas).
 plus optional tuning variants of (b) (`--alpha 0.5,2`, `--nce-k 256,1024`), and the extraction
 cost for each K of `--views-cost` (wall clock and store size).
 Writes docs/quality/report.md, results.json, map_over_epochs.png, time_per_epoch.png.
@@ -47,8 +56,19 @@ REPLAY_STUDENT_CFG = "configs/tiny_student_replay.py"  # the teacher's augmented
 MARKER = "quality_run.json"
 LABELS = {"plain": "(a) plain", "cached": "(b) cached CRD", "online": "(c) online CRD",
           "plain-aug": "(a+) plain, augmented", "online-aug": "(c+) online CRD, augmented",
-          "cached-replay": "(d) cached CRD + augmentation replay"}
-AUGMENTED = ("plain-aug", "online-aug", "cached-replay")
+          "cached-replay": "(d) cached CRD + augmentation replay",
+          "cached-keep": "(b+) cached CRD, augmented (keep)",
+          "spatial-warp": "(e) spatial cached + warp",
+          "spatial-online": "(f) spatial online, augmented",
+          "spatial-replay": "(g) spatial cached + replay",
+          "crd-spatial-warp": "(h) CRD + spatial cached + warp"}
+AUGMENTED = ("plain-aug", "online-aug", "cached-replay", "cached-keep", "spatial-warp", "spatial-online",
+             "spatial-replay", "crd-spatial-warp")
+SPATIAL = ("spatial-warp", "spatial-online", "spatial-replay", "crd-spatial-warp")
+# Which store each cached variant trains on: (views, spatial).
+STORE_OF = {"cached": (0, False), "cached-keep": (0, False), "cached-replay": ("K", False),
+            "spatial-warp": (0, True), "crd-spatial-warp": (0, True), "spatial-replay": ("K", True)}
+TEACHER_CHANNELS = 512  # the tiny teacher's pts_neck (needed by online spatial distillation)
 TIME_KEYS = ("time", "data_time")
 
 
@@ -66,6 +86,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=3, help="Seeds per student variant (0..S-1).")
     p.add_argument("--variants", default=",".join(LABELS), help=f"Subset of {','.join(LABELS)}.")
     p.add_argument("--views", type=int, default=4, help="K augmented views per sample for (d).")
+    p.add_argument("--spatial-grid", type=int, default=32,
+                   help="BEV grid (G x G cells) the spatial stores keep pts_neck maps at; the map is 64x64.")
+    p.add_argument("--previous", default=None,
+                   help="results.json of an earlier run: its variants not run now are listed in a separate table.")
     p.add_argument("--views-cost", default="0,2,4,8", help="Measure extraction time and store size for these K.")
     p.add_argument("--alpha", default="", help="Extra cached-CRD variants with these alphas, e.g. 0.5,2.")
     p.add_argument("--nce-k", default="", help="Extra cached-CRD variants with these nce_k, e.g. 256,1024.")
@@ -92,8 +116,10 @@ def variants(args) -> list[dict]:
     for kind in [v for v in args.variants.split(",") if v]:
         if kind not in LABELS:
             sys.exit(f"unknown variant {kind!r}; known: {list(LABELS)}")
-        label = LABELS[kind] + (f" (K={args.views})" if kind == "cached-replay" else "")
-        out.append({"name": kind, "kind": kind, "label": label, "distill": {}})
+        label = LABELS[kind] + (f" (K={args.views})" if kind in ("cached-replay", "spatial-replay") else "")
+        if kind in SPATIAL:
+            label += f" ({args.spatial_grid}x{args.spatial_grid})"
+        out.append({"name": kind, "kind": kind, "label": label, "distill": {}, "config_distill": config_distill(args, kind)})
     for a in [x for x in args.alpha.split(",") if x]:
         out.append({"name": f"cached-alpha{a}", "kind": "cached", "label": f"(b') cached CRD, alpha={a}",
                     "distill": {"alpha": float(a)}})
@@ -103,6 +129,29 @@ def variants(args) -> list[dict]:
         out.append({"name": f"cached-k{k}", "kind": "cached", "label": f"(b') cached CRD, nce_k={k}",
                     "distill": {"nce_k": int(k)}})
     return out
+
+
+def config_distill(args, kind: str) -> dict:
+    """The `distill` settings a variant writes into its generated config ({}: the config's own)."""
+    if kind not in SPATIAL:
+        return {}
+    spatial = {"layers": {"pts_neck": "pts_neck"}, "weight": 1.0}
+    if kind == "spatial-online":
+        spatial.update(channels=TEACHER_CHANNELS, grid=(args.spatial_grid, args.spatial_grid))
+    policy = {"spatial-warp": "warp", "crd-spatial-warp": "warp", "spatial-online": "keep", "spatial-replay": "replay"}
+    out = {"spatial": spatial, "augmentation": policy[kind]}
+    if kind != "crd-spatial-warp":
+        out["layers"] = {}  # no pooled CRD: spatial only
+    return out
+
+
+def write_config(args, name: str, base: str, distill: dict) -> Path:
+    """A student config = `base` with these `distill` settings (layers={} replaces the base's layers)."""
+    path = args.out / "configs" / f"{name}.py"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    items = {k: ({"_delete_": True} if k == "layers" and not v else v) for k, v in distill.items()}
+    path.write_text(f"_base_ = [{str(REPO / base)!r}]\ndistill = {items!r}\n")
+    return path
 
 
 def iters_per_epoch(args) -> int:
@@ -146,6 +195,27 @@ def schedule_options(args, epochs: int, val_interval: int, seed: int, config: st
     if batch_size:
         items.append(f"train_dataloader.batch_size={batch_size}")
     return [arg for item in items for arg in ("--cfg-options", item)]
+
+
+def rel(path) -> str:
+    """A path as committed outputs hold it: relative to the repository when inside it."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+def git_state() -> dict:
+    """The commit the measurements are taken at, and whether the tree is clean."""
+    import subprocess
+
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    dirty = [ln for ln in git("status", "--porcelain", "--untracked-files=no").splitlines() if ln]
+    return {"commit": git("rev-parse", "HEAD"), "short": git("rev-parse", "--short", "HEAD"), "clean": not dirty,
+            "dirty_files": [ln[3:] for ln in dirty]}
 
 
 def signature(**parts) -> str:
@@ -213,48 +283,67 @@ def teacher(args) -> tuple[dict, str]:
     return record, ckpt
 
 
-def extract(args, teacher_sig: str, ckpt: str, views: int = 0, where: Path | None = None) -> tuple[dict, Path]:
-    """The teacher's pts_neck store (with `views` augmented views per sample when > 0)."""
+def extract(args, teacher_sig: str, ckpt: str, views: int = 0, where: Path | None = None,
+            spatial: int | None = None) -> tuple[dict, Path]:
+    """The teacher's pts_neck store (with `views` augmented views per sample when > 0, and its
+    BEV maps on a `spatial` x `spatial` grid when given)."""
     from bevcache.store import open_store
 
-    tag = f"-views{views}" if views or where else ""
+    tag = (f"-views{views}" if views or where else "") + (f"-spatial{spatial}" if spatial else "")
     where = where or args.out
     store = where / f"features{tag}.zarr"
     marker = where / f"extract{tag}.json"
-    sig = signature(step="extract", teacher=teacher_sig, **({"views": views} if tag else {}))
+    sig = signature(step="extract", teacher=teacher_sig, **({"views": views} if tag else {}),
+                    **({"spatial": spatial} if spatial else {}))
     if marker.is_file() and json.loads(marker.read_text()).get("signature") == sig and store.exists():
         print(f"[quality] extract (K={views}): done before, reused ({store})", flush=True)
         record = json.loads(marker.read_text())
         record.setdefault("bytes_on_disk", open_store(str(store)).info()["bytes_on_disk"])
         return record, store
-    print(f"[quality] extract the teacher's pts_neck, K={views} augmented views -> {store}", flush=True)
+    print(f"[quality] extract the teacher's pts_neck, K={views} augmented views"
+          + (f", BEV maps {spatial}x{spatial}" if spatial else "") + f" -> {store}", flush=True)
     seconds = bevcache("extract", "--config", TEACHER_CFG, "--checkpoint", ckpt, "--out", str(store),
                        "--data-root", str(args.data), "--overwrite", "--views", str(views),
+                       *(["--spatial", f"pts_neck={spatial}"] if spatial else []),
                        log_file=args.out / "logs" / f"extract{tag}.log")
-    record = {"signature": sig, "seconds": seconds, "store": str(store), "views": views,
+    record = {"signature": sig, "seconds": seconds, "store": rel(store), "views": views, "spatial_grid": spatial,
               "bytes_on_disk": open_store(str(store)).info()["bytes_on_disk"]}
     marker.write_text(json.dumps(record, indent=2))
     return record, store
 
 
-def student(args, variant: dict, seed: int, upstream: str, stores: dict[int, Path], ckpt: str) -> dict:
+def store_key(args, kind: str) -> tuple[int, bool] | None:
+    if kind not in STORE_OF:
+        return None
+    views, spatial = STORE_OF[kind]
+    return (args.views if views == "K" else views, spatial)
+
+
+def student(args, variant: dict, seed: int, teacher_sig: str, stores: dict, ckpt: str) -> dict:
+    """One student run; `stores` maps (views, spatial) to (extraction record, store path)."""
     kind = variant["kind"]
+    key = store_key(args, kind)
     if kind in ("plain", "plain-aug"):
-        extra = ["--plain"]
-    elif kind == "cached":
-        extra = ["--cache", str(stores[0])]
-    elif kind == "cached-replay":
-        extra = ["--cache", str(stores[args.views])]
+        extra, upstream = ["--plain"], None
+    elif key is not None:
+        extra = ["--cache", str(stores[key][1])]
+        upstream = signature(teacher=teacher_sig, extract=stores[key][0]["signature"])
     else:
         extra = ["--teacher-online", TEACHER_CFG, "--teacher-checkpoint", ckpt]
-        extra += ["--distill", "augmentation=keep"] if kind == "online-aug" else []
+        upstream = signature(teacher=teacher_sig)
+    if kind in ("online-aug", "cached-keep"):
+        extra += ["--distill", "augmentation=keep"]
+    elif kind == "cached-replay":
+        extra += ["--distill", "augmentation=replay"]
     config = REPLAY_STUDENT_CFG if kind in AUGMENTED else STUDENT_CFG
-    for key, value in variant["distill"].items():
-        extra += ["--distill", f"{key}={value}"]
-    sig = signature(step="student", variant=variant["name"], distill=variant["distill"], seed=seed, epochs=args.epochs,
-                    batch=args.batch_size, train=args.train, val=args.val, data_seed=args.data_seed,
-                    upstream=upstream if kind not in ("plain", "plain-aug") else None,
-                    **({"views": args.views} if kind == "cached-replay" else {}))
+    if variant.get("config_distill"):
+        config = str(write_config(args, variant["name"], config, variant["config_distill"]))
+    for k, value in variant["distill"].items():
+        extra += ["--distill", f"{k}={value}"]
+    sig = signature(step="student", variant=variant["name"], distill=variant["distill"],
+                    config_distill=variant.get("config_distill"), seed=seed, epochs=args.epochs,
+                    batch=args.batch_size, train=args.train, val=args.val, data_seed=args.data_seed, upstream=upstream,
+                    **({"views": args.views} if key and key[0] else {}))
     name = f"{variant['name']}-seed{seed}"
     return train_run(args, args.out / "runs" / name, args.out / "logs" / f"{name}.log", sig,
                      ["--student", config, *extra, *schedule_options(args, args.epochs, 1, seed, config)],
@@ -337,13 +426,26 @@ def verdicts(agg: dict, runs: dict, extract_seconds: float | None) -> list[str]:
                      f"{diff_text(c_nds, 'NDS')}; cached wins {c['wins']} of {c['n']} seed-paired runs on mAP.")
     for a, b, question in (("cached", "cached-replay", "Does replay (d) beat cached CRD without augmentation (b)?"),
                            ("online-aug", "cached-replay", "(d) ≈ online CRD with augmentation (c+)?"),
-                           ("plain", "plain-aug", "Does augmentation help the plain student (a+ vs a)?")):
+                           ("plain", "plain-aug", "Does augmentation help the plain student (a+ vs a)?"),
+                           ("plain-aug", "cached-keep", "Does cached CRD with the augmentation kept (b+) beat plain augmented (a+)?"),
+                           ("cached-keep", "cached-replay", "Replay (d) vs keep (b+) for pooled cached CRD?"),
+                           ("cached-replay", "spatial-warp", "Spatial + warp (e) vs pooled CRD + replay (d)?"),
+                           ("spatial-online", "spatial-warp", "Spatial cached + warp (e) ≈ spatial online (f)?"),
+                           ("plain-aug", "spatial-warp", "Does spatial + warp (e) beat plain augmented (a+)?"),
+                           ("spatial-warp", "crd-spatial-warp", "Does pooled CRD on top of spatial help (h vs e)?"),
+                           ("spatial-warp", "spatial-replay", "Spatial replay (g) vs spatial warp (e)?")):
         if a in runs and b in runs and runs[a] and runs[b]:
             c_map, c_nds = compare(runs[a], runs[b], "mAP"), compare(runs[a], runs[b], "NDS")
             within = all(abs(c["delta"]) <= 2 * c["se"] for c in (c_map, c_nds)) if c_map["se"] > 0 else None
             verdict = {True: "within twice the SE", False: "beyond twice the SE", None: "one seed"}[within]
             lines.append(f"- **{question}** {LABELS[b].split()[0]} − {LABELS[a].split()[0]}: {diff_text(c_map, 'mAP')}, "
                          f"{diff_text(c_nds, 'NDS')} ({verdict}); {c_map['wins']} of {c_map['n']} seed-paired wins on mAP.")
+    if "plain-aug" in agg:
+        base = agg["plain-aug"]["train_seconds_per_epoch"][0]
+        costs = [f"{LABELS[n].split()[0]} {agg[n]['train_seconds_per_epoch'][0] / base:.2f}x" for n in agg
+                 if n in AUGMENTED and n != "plain-aug"]
+        if costs:
+            lines.append("- Training time per epoch relative to plain augmented (a+): " + ", ".join(costs) + ".")
     if "online" in agg and "plain" in agg:
         ratio = agg["online"]["train_seconds_per_epoch"][0] / agg["plain"]["train_seconds_per_epoch"][0]
         lines.append(f"- Online CRD costs {ratio:.2f}x plain training per epoch "
@@ -406,7 +508,32 @@ def plots(report_dir: Path, agg: dict, order: list[dict], teacher_final: dict) -
     return files
 
 
-def report(args, order: list[dict], runs: dict, teacher_rec: dict, extract_rec: dict | None, *, seeds_done: int) -> None:
+def previous_table(path: Path, skip: set[str]) -> tuple[list[str], dict]:
+    """Rows of an earlier results.json (variants not run now), labelled with its commit."""
+    prev = json.loads(Path(path).read_text())
+    where = prev.get("git", {}).get("short") or prev.get("commit") or "unrecorded"
+    rows = {n: v for n, v in prev.get("variants", {}).items() if n not in skip}
+    if not rows:
+        return [], {}
+    st = prev.get("settings", {})
+    md = ["", f"## Earlier rows (not rerun): taken at commit {where}", "",
+          f"From `{rel(path)}` ({prev.get('note', '')}): {st.get('train')} train / {st.get('val')} val, teacher "
+          f"{st.get('teacher_epochs')} epochs, student {st.get('epochs')} epochs, {st.get('seeds')} seeds "
+          "(their mean ± std is over all their seeds; not seed-paired with the runs above, and taken at an older "
+          "commit with a different teacher run: compare with care).", "",
+          "| model | seeds | mAP (final) | NDS (final) | train s/epoch |", "|---|---|---|---|---|"]
+    t = prev.get("teacher")
+    if t:
+        md.append(f"| teacher (that run) | 1 | {t['final']['mAP']:.4f} | {t['final']['NDS']:.4f} | - |")
+    for v in rows.values():
+        a = v["aggregate"]
+        md.append(f"| {v['label']} | {a['n']} | {fmt_ms(a['mAP'])} | {fmt_ms(a['NDS'])} | "
+                  f"{fmt_ms(a['train_seconds_per_epoch'], 0)} |")
+    return md, {"from": rel(path), "commit": where, "variants": {n: v["aggregate"] for n, v in rows.items()}}
+
+
+def report(args, order: list[dict], runs: dict, teacher_rec: dict, extract_rec: dict | None, *, seeds_done: int,
+           spatial_recs: dict | None = None) -> None:
     import torch
 
     args.report_dir.mkdir(parents=True, exist_ok=True)
@@ -419,6 +546,7 @@ def report(args, order: list[dict], runs: dict, teacher_rec: dict, extract_rec: 
                 if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU {cpu}, {os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}"
     nce_k = min(16384, args.train - 1)
+    state = git_state()
     md = [
         "# bevcache quality report" + (" (QUICK SMOKE RUN: not a result)" if args.quick else ""),
         "",
@@ -429,6 +557,9 @@ def report(args, order: list[dict], runs: dict, teacher_rec: dict, extract_rec: 
         f"{args.seeds} seed(s) per variant (`randomness.seed` = 0..{args.seeds - 1}), batch size {args.batch_size or 4}. "
         f"CRD: the config's `distill` settings (alpha 1, feat_dim 128, nce_t 0.07, nce_m 0.5), n_data = {args.train}, "
         f"nce_k clamped to {nce_k}. Device: {device}.",
+        "",
+        f"Measured at commit `{state['commit']}`" + (" on a clean tree." if state["clean"] else
+                                                      f" **with local changes** to {state['dirty_files']}."),
         "",
         "| model | seeds | mAP (final) | NDS (final) | train s/epoch | wall clock per run |",
         "|---|---|---|---|---|---|",
@@ -450,6 +581,18 @@ def report(args, order: list[dict], runs: dict, teacher_rec: dict, extract_rec: 
         for k, rec in sorted(by_views.items(), key=lambda kv: int(kv[0])):
             md.append(f"| {k} | {rec['seconds']:.1f} s | {rec['seconds'] / base['seconds']:.2f} | "
                       f"{rec['bytes_on_disk'] / 1024:.0f} KiB | {rec['bytes_on_disk'] / args.train:.0f} |")
+    if spatial_recs:
+        g = args.spatial_grid
+        md += ["", f"Spatial stores (`bevcache extract --spatial pts_neck={g}`: pooled pts_neck plus its BEV map, "
+                   f"512 x {g} x {g} float16, {args.train} samples; whole command incl. start-up):", "",
+               "| store | wall clock | store on disk | bytes per sample |", "|---|---|---|---|"]
+        base = (extract_rec or {}).get("by_views", {}).get(0) or extract_rec
+        for k, rec in spatial_recs.items():
+            md.append(f"| `{Path(rec['store']).name}` ({k}) | {rec['seconds']:.1f} s | "
+                      f"{rec['bytes_on_disk'] / 2**20:.1f} MiB | {rec['bytes_on_disk'] / args.train:.0f} |")
+        if base:
+            md.append(f"| pooled only, `{Path(base['store']).name}` (K={base.get('views', 0)}) | {base['seconds']:.1f} s | "
+                      f"{base['bytes_on_disk'] / 2**20:.2f} MiB | {base['bytes_on_disk'] / args.train:.0f} |")
     md += ["", "mean ± std over seeds; train s/epoch = mean logged iteration time × iterations per epoch "
                "(validation and start-up excluded); wall clock = the whole `bevcache train` command.", "",
            "## Verdict", "", *lines, ""]
@@ -460,19 +603,28 @@ def report(args, order: list[dict], runs: dict, teacher_rec: dict, extract_rec: 
             curve = " ".join(f"{h['mAP']:.3f}" for h in r["history"])
             md.append(f"| {v['label']} | {r['seed']} | {r['final']['mAP']:.4f} | {r['final']['NDS']:.4f} | "
                       f"{r['seconds']:.0f} | {curve} |")
-    cmd = "pipelines/quality/run.py " + " ".join(sys.argv[1:])
-    md += ["", f"Reproduce: `.venv/bin/python {cmd.strip()}` (finished runs under `{args.out}` are reused)."]
+    prev_md, prev = previous_table(Path(args.previous), {v["name"] for v in order}) if args.previous else ([], {})
+    md += prev_md
+    cmd = "pipelines/quality/run.py " + " ".join(rel(a) if a.startswith("/") else a for a in sys.argv[1:])
+    md += ["", f"Reproduce: `.venv/bin/python {cmd.strip()}` at commit {state['short']} "
+               f"(finished runs under `{rel(args.out)}` are reused)."]
     (args.report_dir / "report.md").write_text("\n".join(md) + "\n")
     results = {
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "settings": {k: rel(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "git": state,
         "seeds_done": seeds_done,
         "device": device, "teacher": teacher_rec, "extract": extract_rec,
+        "spatial_stores": spatial_recs or {},
         "variants": {v["name"]: {**v, "aggregate": agg[v["name"]], "runs": runs[v["name"]]} for v in order},
+        "previous": prev,
         "verdict": lines,
     }
     (args.report_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     print("\n" + "\n".join(md[:8 + len(order)]) + "\n\n" + "\n".join(lines))
     print(f"\nreport: {args.report_dir / 'report.md'}")
+    if not state["clean"]:
+        print(f"[quality] WARNING: the tree has local changes ({state['dirty_files']}): not a clean measurement",
+              flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -488,27 +640,32 @@ def main(argv=None) -> None:
         bevcache("synth", str(args.data), "--samples", str(args.train), "--val-samples", str(args.val),
                  "--seed", str(args.data_seed), log_file=args.out / "logs" / "synth.log")
     teacher_rec, ckpt = teacher(args)
+    tsig = teacher_rec["signature"]
     kinds = {v["kind"] for v in order}
     extract_rec, stores = None, {}
-    if kinds & {"cached", "online", "online-aug"}:
-        extract_rec, stores[0] = extract(args, teacher_rec["signature"], ckpt)
+    needed = {store_key(args, k) for k in kinds} - {None}
+    if (0, False) in needed or kinds & {"online", "online-aug"}:
+        extract_rec, path = extract(args, tsig, ckpt)
+        stores[(0, False)] = (extract_rec, path)
     # Extraction cost by K: every K extracted back to back under the same conditions.
-    cost = {k: extract(args, teacher_rec["signature"], ckpt, views=k, where=args.out / "views-cost")
+    cost = {k: extract(args, tsig, ckpt, views=k, where=args.out / "views-cost")
             for k in sorted({int(k) for k in args.views_cost.split(",") if k})}
-    if "cached-replay" in kinds:
-        stores[args.views] = cost[args.views][1] if args.views in cost else \
-            extract(args, teacher_rec["signature"], ckpt, views=args.views)[1]
+    if (args.views, False) in needed:
+        stores[(args.views, False)] = cost[args.views] if args.views in cost else \
+            extract(args, tsig, ckpt, views=args.views)
+    for views, _spatial in sorted(k for k in needed if k[1]):
+        stores[(views, True)] = extract(args, tsig, ckpt, views=views, spatial=args.spatial_grid)
     if extract_rec:
         extract_rec = dict(extract_rec, by_views={k: rec for k, (rec, _) in cost.items()})
-    upstream = signature(teacher=teacher_rec["signature"], extract=extract_rec["signature"] if extract_rec else None)
+    spatial_recs = {f"K={v}": rec for (v, sp), (rec, _) in sorted(stores.items()) if sp}
     runs: dict[str, list[dict]] = {v["name"]: [] for v in order}
     # Seed-major order, and a report after every seed: an interrupted recipe still has a report
     # in which every variant has the same seeds.
     for seed in range(args.seeds):
         for v in order:
-            record = student(args, v, seed, upstream, stores, ckpt)
+            record = student(args, v, seed, tsig, stores, ckpt)
             runs[v["name"]].append({**record, "seed": seed})
-        report(args, order, runs, teacher_rec, extract_rec, seeds_done=seed + 1)
+        report(args, order, runs, teacher_rec, extract_rec, seeds_done=seed + 1, spatial_recs=spatial_recs)
 
 
 if __name__ == "__main__":
