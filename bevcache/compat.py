@@ -1,4 +1,4 @@
-"""The one place that patches a third-party library, applied by `runtime.setup_runtime`.
+"""The one place that patches a third-party library, applied when bevcache is imported (`__init__`).
 
 - spconv 2.3.8's sparse-conv backward calls `torch.cuda.current_stream()` unconditionally, which
   fails on a CPU-only torch ("Torch not compiled with CUDA enabled") although the CPU kernels never

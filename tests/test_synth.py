@@ -402,6 +402,15 @@ def test_gt_database_holds_every_valid_train_box_with_its_points(data):
             assert np.abs(pts[:, :2]).max() < max(ins["bbox_3d"][3:5])  # relative to the box centre
 
 
+def test_numpy_long_shim_is_a_no_op_where_numpy_has_it(monkeypatch):
+    from bevcache import compat
+
+    assert np.long is np.int_ and np.dtype(np.long) == np.dtype("int64")  # numpy 1.26: the C long, as numpy 2's
+    assert compat.patch_numpy_long() is False  # applied once at import; nothing to do again
+    monkeypatch.delattr(np, "long")
+    assert compat.patch_numpy_long() is True and np.long is np.int_
+
+
 def test_object_sample_pastes_from_the_gt_database(data):
     from .test_pipeline import object_sample
 
@@ -409,9 +418,7 @@ def test_object_sample_pastes_from_the_gt_database(data):
     pipeline = PIPELINE[:2] + [object_sample(out, synth.CLASSES, use_dim=5)] + PIPELINE[2:]
     ds = _nuscenes_dataset(out, "nuscenes_infos_train.pkl", pipeline=pipeline)
     plain = _nuscenes_dataset(out, "nuscenes_infos_train.pkl")
-    from bevcache.compat import patch_numpy_long
-
-    patch_numpy_long()  # mmdet3d 1.4.0's np.long on numpy 1.26 (setup_runtime applies it)
+    assert "long" in vars(np)  # mmdet3d 1.4.0's np.long on numpy 1.26: importing bevcache applied the shim
     np.random.seed(0)
     pasted, base = ds[0]["data_samples"].gt_instances_3d, plain[0]["data_samples"].gt_instances_3d
     assert len(pasted.labels_3d) > len(base.labels_3d)
@@ -425,7 +432,6 @@ def test_zoo_centerpoint_trains_with_object_sample_on_the_synthetic_gt_database(
     from mmengine.hooks import Hook
     from mmengine.runner import Runner
 
-    from bevcache.compat import patch_numpy_long
     from bevcache.data import check_data_files, set_data_root
     from bevcache.runtime import setup_runtime
     from bevcache.train import iteration_run
@@ -433,7 +439,6 @@ def test_zoo_centerpoint_trains_with_object_sample_on_the_synthetic_gt_database(
     from .test_data import zoo_config
 
     setup_runtime()
-    patch_numpy_long()  # mmdet3d 1.4.0's np.long on numpy 1.26 (setup_runtime applies it)
     cfg = zoo_config()
     set_data_root(cfg, str(data_root))
     check_data_files(cfg, ["train_dataloader"])
