@@ -376,3 +376,9 @@ class CRDDistiller(BaseModel):
         if self.spatial_cfg:
             losses.update(self._spatial_losses(student_maps, teacher_maps, data_samples))
         return losses
+
+    def student_state_dict(self) -> dict[str, Tensor]:
+        """The plain student's weights (with spconv's `_metadata`), loadable by the student config without bevcache."""
+        from .teacher import student_state_dict
+
+        return student_state_dict(self.state_dict())

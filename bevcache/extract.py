@@ -26,11 +26,12 @@ import torch
 
 from . import __version__
 from .data import (
+    SPLIT_LOADERS,
     base_dataset_cfg,
     build_base_dataset,
+    check_data_files,
     dataset_identity,
     ensure_index_meta,
-    random_transforms,
     set_data_root,
     test_pipeline,
 )
@@ -38,7 +39,13 @@ from .errors import ConfigError, FeatureValueError, StoreError, StoreMismatch
 from .features import POOLINGS, LayerRecorder
 from .guard import interruptible
 from .replay import DIGEST_META, SEED_SCHEME, ReplayViewsDataset, pipeline_record
-from .runtime import check_writable_location, init_distributed, load_config, resolve_device, setup_runtime
+from .runtime import (
+    check_writable_location,
+    init_distributed,
+    load_config,
+    resolve_device,
+    setup_runtime,
+)
 from .store import LayerSpec, create_store, fingerprint_tokens, open_store, store_exists
 from .store.location import exclusive_writer
 from .teacher import build_teacher, config_record, resolve_teacher_checkpoint, weights_sha256
@@ -295,16 +302,35 @@ def _settings(opts: ExtractOptions, cfg) -> dict:
 
 def _views_dataset(cfg, settings: dict, tokens: list[str]) -> tuple[ReplayViewsDataset, dict]:
     """The split's dataset with its own (training) pipeline, seeded per view; and its record."""
+    from .pipeline import check_replayable
+
     pipeline = base_dataset_cfg(cfg, settings["split"]).get("pipeline") or []
     ensure_index_meta(pipeline)  # exactly what the student's pipeline will carry
-    if not random_transforms(pipeline):
+    record = pipeline_record(pipeline)  # before building: ObjectSample adds keys to its config
+    base = build_base_dataset(cfg, settings["split"], pipeline=pipeline)
+    # Every view must be reproducible from its seed alone; refused here, before any teacher pass.
+    if not check_replayable(pipeline, base):
         log.warning("--views %d: the %s pipeline has no random transforms, so every view equals the "
                     "un-augmented sample's", int(settings["views"]), settings["split"])
-    base = build_base_dataset(cfg, settings["split"], pipeline=pipeline)
     fingerprint = fingerprint_tokens(tokens)["sha256"]
-    record = pipeline_record(pipeline)
     augmentation = {"views": int(settings["views"]), "seed_scheme": SEED_SCHEME, **record}
     return ReplayViewsDataset(base, int(settings["views"]), fingerprint), augmentation
+
+
+def _deterministic_test_pipeline(cfg, split: str) -> list:
+    """The config's test pipeline with any random step made deterministic or removed: a cached row
+    must not depend on the draw (e.g. LoadPointsFromMultiSweeps picks sweeps at random outside
+    test_mode; bevcache.pipeline.strip_steps sets test_mode=True instead)."""
+    from .pipeline import random_steps, strip_steps
+
+    pipeline = test_pipeline(cfg)
+    probe_set = build_base_dataset(cfg, split, pipeline=[])
+    steps = random_steps(pipeline, probe_set)
+    if steps:
+        log.warning("the test pipeline has random steps %s: made deterministic for extraction",
+                    [f"{s.type} ({s.where()})" for s in steps])
+        pipeline = strip_steps(pipeline, steps)
+    return pipeline
 
 
 def _open_or_create(opts: ExtractOptions, settings: dict, *, layers: list[LayerSpec], spatial: dict, tokens, sample_idx,
@@ -371,6 +397,7 @@ def extract(opts: ExtractOptions) -> dict:
     cfg = load_config(opts.config, opts.cfg_options)
     if opts.data_root:
         set_data_root(cfg, opts.data_root)
+    check_data_files(cfg, loaders=(SPLIT_LOADERS[_settings(opts, cfg)["split"]],))
     init_distributed(opts.launcher, cfg)
     rank, world = get_dist_info()
     settings = _settings(opts, cfg)
@@ -379,13 +406,13 @@ def extract(opts: ExtractOptions) -> dict:
 
     record = config_record(cfg)  # before building: BEVFusion's __init__ pops keys of its config
     teacher_text = cfg.pretty_text
-    model = build_teacher(cfg, opts.checkpoint, device, trust_checkpoint=opts.trust_checkpoint,
-                          random_init=opts.random_init)
-    dataset = build_base_dataset(cfg, settings["split"], pipeline=test_pipeline(cfg))
+    dataset = build_base_dataset(cfg, settings["split"], pipeline=_deterministic_test_pipeline(cfg, settings["split"]))
     tokens, sample_idx = dataset_identity(dataset)
     augmentation, views_dataset = None, None
     if int(settings["views"]):
         views_dataset, augmentation = _views_dataset(cfg, settings, tokens)
+    model = build_teacher(cfg, opts.checkpoint, device, trust_checkpoint=opts.trust_checkpoint,
+                          random_init=opts.random_init)
     source = _ExtractionSource(dataset, views_dataset)
     recorder = LayerRecorder(model, settings["layers"], stop_early=True)
 

@@ -74,7 +74,6 @@ class StudentExportHook(Hook):
 
     def after_train(self, runner) -> None:
         from mmengine.dist import is_main_process
-
         from mmengine.runner import save_checkpoint
 
         from .teacher import student_state_dict

@@ -20,8 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from mmdet3d.registry import DATASETS, HOOKS
-from mmengine.hooks import Hook
+from mmdet3d.registry import DATASETS
 
 from .errors import ConfigError, StoreMismatch
 from .pipeline import reset_replay_state, seeded_rngs  # noqa: F401  (seeded_rngs: re-exported)
@@ -138,7 +137,7 @@ class ReplayViewsDataset:
     produced under that view's extraction seed. Index-preserving, so CBGS/Repeat may wrap it.
 
     The epoch lives in shared memory so persistent loader workers see `set_epoch` from the main
-    process (`ReplayEpochHook` calls it before every epoch). `dataset[(i, v)]` asks for a view.
+    process (`bevcache.hooks.DistillationHook` calls it before every epoch). `dataset[(i, v)]` asks for a view.
     """
 
     def __init__(self, dataset: dict | Any, num_views: int | None = None, fingerprint: str | None = None,
@@ -198,37 +197,3 @@ def find_replay_dataset(dataset: Any) -> ReplayViewsDataset | None:
             return dataset
         dataset = getattr(dataset, "dataset", None)
     return None
-
-
-@HOOKS.register_module()
-class ReplayEpochHook(Hook):
-    """Tell the replay wrapper the epoch before each one, so every epoch draws fresh views.
-
-    Iteration-based loops have no epochs: there a "pass" of len(dataloader) iterations counts as
-    one. Batches that loader workers prefetched across a pass boundary keep the previous pass's
-    views; the lookup stays exact because each sample carries its own view id.
-    """
-
-    priority = "VERY_HIGH"
-
-    def __init__(self) -> None:
-        self._iters_per_pass: int | None = None  # set for iteration-based loops only
-
-    def before_train(self, runner) -> None:
-        from mmengine.runner import EpochBasedTrainLoop
-
-        if not isinstance(runner.train_loop, EpochBasedTrainLoop):
-            self._iters_per_pass = max(len(runner.train_dataloader), 1)
-
-    def before_train_epoch(self, runner) -> None:
-        self._set(runner, runner.epoch)
-
-    def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
-        if self._iters_per_pass:
-            self._set(runner, runner.iter // self._iters_per_pass)
-
-    @staticmethod
-    def _set(runner, epoch: int) -> None:
-        replay = find_replay_dataset(runner.train_dataloader.dataset)
-        if replay is not None and replay.epoch != epoch:
-            replay.set_epoch(epoch)

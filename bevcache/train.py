@@ -11,7 +11,6 @@ Pack3DDetInputs meta keys, the replay wrapper and the hooks, widths under DDP.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,7 +28,13 @@ from .data import (
 )
 from .distiller import AUGMENTATION_POLICIES
 from .errors import ConfigError
-from .runtime import check_writable_location, init_distributed, load_config, parse_cfg_options, setup_runtime
+from .runtime import (
+    check_writable_location,
+    init_distributed,
+    load_config,
+    parse_cfg_options,
+    setup_runtime,
+)
 
 log = logging.getLogger("bevcache")
 

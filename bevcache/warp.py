@@ -26,7 +26,6 @@ from torch import Tensor
 
 from .errors import ConfigError, WarpError  # noqa: F401  (WarpError: re-exported)
 
-
 # What each known train transform does to the BEV map of a scene: (warpable, why). `non_warpable`
 # reads it; a name not listed here is not judged (check `name in BEV_EFFECT` to refuse unknowns).
 BEV_EFFECT: dict[str, tuple[bool, str]] = {

@@ -6,9 +6,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mmengine.config import Config  # noqa: E402
+
 from bevcache.runtime import init_distributed  # noqa: E402
 
-init_distributed("pytorch")
+init_distributed("pytorch", Config(dict(env_cfg=dict(dist_cfg=dict(backend="gloo", timeout=5)))))
 import torch.distributed as dist  # noqa: E402
 
 if dist.get_rank() == 1:

@@ -18,7 +18,7 @@ from bevcache.errors import StoreError, StoreMismatch
 from bevcache.extract import ExtractOptions, extract
 from bevcache.store import open_store
 
-from .conftest import CONFIGS, REPO, bevcache_cmd, teacher_ckpt, tiny_cfg  # noqa: F401  (teacher_ckpt: re-exported for older imports)
+from .conftest import CONFIGS, REPO, bevcache_cmd, tiny_cfg
 
 TEACHER = str(CONFIGS / "tiny_teacher.py")
 
@@ -27,6 +27,7 @@ def _opts(data_root: Path, out: Path, **kw) -> ExtractOptions:
     base = dict(config=TEACHER, out=str(out), data_root=str(data_root), batch_size=2, num_workers=0,
                 chunk_rows=4, dtype="float32", progress=False)
     base.update(kw)
+    base.setdefault("random_init", not base.get("checkpoint"))
     return ExtractOptions(**base)
 
 
@@ -85,14 +86,17 @@ def test_resume_against_another_dataset_or_teacher_is_refused(reference_store, o
 
 def test_unknown_layer_is_a_clear_error(data_root, tmp_path):
     result = subprocess.run(bevcache_cmd("extract", "--config", TEACHER, "--data-root", str(data_root), "--out",
-                                         str(tmp_path / "x.zarr"), "--layers", "pts_nek"), capture_output=True, text=True, cwd=REPO)
+                                         str(tmp_path / "x.zarr"), "--layers", "pts_nek", "--random-init"),
+                            capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 1
     assert "pts_nek" in result.stderr and "pts_neck" in result.stderr and "Traceback" not in result.stderr
 
 
-def _run_killed(args: list[str], env_extra: dict) -> int:
-    env = {**os.environ, **env_extra}
-    proc = subprocess.run(bevcache_cmd(*args), env=env, cwd=REPO, capture_output=True, text=True)
+def _run_killed(args: list[str], after_blocks: int = 1) -> int:
+    """Run `bevcache *args`, SIGKILLed after its n-th durable block (tests/fault_injection.py)."""
+    from .fault_injection import killed_cmd
+
+    proc = subprocess.run(killed_cmd(after_blocks, *args), cwd=REPO, capture_output=True, text=True)
     return proc.returncode
 
 
@@ -101,7 +105,7 @@ def test_kill_9_then_resume_gives_the_identical_store(reference_store, data_root
     args = ["extract", "--config", TEACHER, "--checkpoint", teacher_ckpt, "--data-root", str(data_root),
             "--out", str(out), "--layers", "pts_neck,pts_backbone", "--batch-size", "2", "--num-workers", "0",
             "--chunk-rows", "4", "--dtype", "float32"]
-    rc = _run_killed(args, {"BEVCACHE_KILL_AFTER_BLOCKS": "1"})
+    rc = _run_killed(args, 1)
     assert rc == -signal.SIGKILL
     partial = open_store(str(out))
     done = int(partial.complete_mask().sum())
@@ -214,3 +218,62 @@ def test_sigterm_flushes_finished_blocks_and_says_how_to_resume(data_root, teach
     assert 0 < store.complete_mask().sum() < 12
     assert subprocess.run(bevcache_cmd(*args, "--resume"), cwd=REPO, capture_output=True).returncode == 0
     assert open_store(str(out)).verify() == []
+
+
+def test_a_teacher_without_weights_is_refused_unless_asked_for(data_root, tmp_path):
+    from bevcache.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--random-init"):
+        extract(_opts(data_root, tmp_path / "r.zarr", random_init=False))
+    assert not (tmp_path / "r.zarr").exists()
+
+
+def test_the_store_records_the_teacher_weights_and_load_from_is_honoured(data_root, teacher_ckpt, tmp_path):
+    from bevcache.runtime import load_config
+    from bevcache.teacher import build_teacher, weights_sha256
+
+    config = tmp_path / "teacher_load_from.py"
+    config.write_text(f"_base_ = [{TEACHER!r}]\nload_from = {teacher_ckpt!r}\n")
+    extract(_opts(data_root, tmp_path / "lf.zarr", config=str(config)))  # no --checkpoint: load_from
+    teacher = open_store(str(tmp_path / "lf.zarr")).attrs["teacher"]
+    expected = weights_sha256(build_teacher(load_config(TEACHER), teacher_ckpt, "cpu"))
+    assert teacher["weights_sha256"] == expected and teacher["checkpoint"] == teacher_ckpt
+    assert teacher["config_sha256"] and not teacher["random_init"]
+
+
+def test_resume_after_a_kill_with_other_random_weights_is_refused(data_root, tmp_path):
+    """Two random teachers are two teachers: a resumed random-init extraction names both weight hashes."""
+    out = tmp_path / "random.zarr"
+    args = ["extract", "--config", TEACHER, "--random-init", "--data-root", str(data_root), "--out", str(out),
+            "--batch-size", "2", "--num-workers", "0", "--chunk-rows", "4"]
+    assert _run_killed(args, 1) == -signal.SIGKILL
+    stored = open_store(str(out)).attrs["teacher"]["weights_sha256"]
+    result = subprocess.run(bevcache_cmd(*args, "--resume"), cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: --resume with other teacher weights") and stored[:16] in line
+    assert 0 < int(open_store(str(out)).complete_mask().sum()) < 12  # nothing mixed in
+
+
+def test_spatial_layers_are_stored_with_their_pooled_vectors(data_root, teacher_ckpt, tmp_path):
+    from bevcache.features import LayerRecorder, spatial_map
+    from bevcache.teacher import build_teacher
+
+    out = tmp_path / "spatial.zarr"
+    extract(_opts(data_root, out, checkpoint=teacher_ckpt, spatial="pts_neck=16x8", dtype="float32"))
+    store = open_store(str(out))
+    assert set(store.layers) == {"pts_neck"} and store.spatial["pts_neck"].shape == (512, 16, 8)
+    cfg = tiny_cfg("tiny_teacher.py", data_root, batch_size=1)
+    model = build_teacher(cfg, teacher_ckpt, "cpu")
+    from mmengine.dataset import pseudo_collate
+
+    from bevcache.data import build_base_dataset, test_pipeline
+
+    dataset = build_base_dataset(cfg, "train", pipeline=test_pipeline(cfg))
+    with LayerRecorder(model, ["pts_neck"], stop_early=True) as rec, torch.no_grad():
+        data = model.data_preprocessor(pseudo_collate([dataset[5]]), False)
+        rec.run(model, **data, mode="predict")
+        expected = spatial_map(rec.outputs["pts_neck"], (16, 8))[0].numpy()
+    np.testing.assert_allclose(store.read_spatial("pts_neck", [5])[0].astype(np.float32), expected, rtol=2e-3, atol=2e-3)
+    pooled = store.read_table("pts_neck")[5].numpy()
+    np.testing.assert_allclose(pooled, expected.mean(axis=(1, 2)), rtol=1e-3, atol=1e-3)

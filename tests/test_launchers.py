@@ -27,7 +27,7 @@ def short_options(data_root: Path, store: str, work_dir: Path) -> list[str]:
         f"model.cache={store}", f"train_dataloader.dataset.data_root={root}",
         "train_dataloader.batch_size=2", "train_dataloader.num_workers=0", "train_dataloader.persistent_workers=False",
         "train_dataloader.sampler.shuffle=True",
-        f"train_cfg.type=IterBasedTrainLoop", f"train_cfg.max_iters={ITERS}", "train_cfg.val_interval=1000",
+        "train_cfg.type=IterBasedTrainLoop", f"train_cfg.max_iters={ITERS}", "train_cfg.val_interval=1000",
         "param_scheduler=[]", "default_hooks.logger.interval=1", "log_processor.window_size=1",
         "log_processor.by_epoch=False", "default_hooks.checkpoint.by_epoch=False",
         f"default_hooks.checkpoint.interval={ITERS}", "randomness.seed=7",
@@ -118,7 +118,7 @@ def test_slurm_launcher_runs_two_simulated_tasks_on_cpu(tmp_path):
         procs.append(subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=120) for p in procs]
-    for p, (out, err) in zip(procs, outs, strict=True):
+    for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-2000:]
     assert sorted(o.split()[1] for o, _ in outs) == ["0", "1"]
     assert all("of 2 sum 3.0" in o for o, _ in outs)

@@ -28,7 +28,6 @@ from bevcache.train import TrainOptions, build_train_config
 
 from .conftest import CONFIGS, REPO, bevcache_cmd
 
-
 TEACHER = str(CONFIGS / "tiny_teacher.py")
 STUDENT = str(CONFIGS / "tiny_student.py")
 
@@ -168,7 +167,7 @@ def test_signal_during_training_saves_a_checkpoint_and_resume_continues(sig, ite
     it = int(re.search(r"at iteration (\d+)", line).group(1))
     ckpt = work / f"iter_{it}.pth"
     assert str(ckpt) in line and (work / "last_checkpoint").read_text().strip() == str(ckpt)
-    assert torch.load(ckpt, map_location="cpu", weights_only=False)["meta"]["iter"] == it
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["meta"]["iter"] == it
 
     resumed = subprocess.run(bevcache_cmd(*args, "--resume", "--cfg-options", f"train_cfg.max_iters={it + 2}"),
                              cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -203,7 +202,7 @@ def test_kill_9_during_training_resumes_with_intact_banks_and_ends_as_an_uninter
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     ckpt = last_checkpoint(work)
-    saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert saved["meta"]["iter"] < 6
 
     class AfterLoad(Hook):  # what the model holds once mmengine has resumed, before any step
@@ -248,15 +247,16 @@ def test_an_interrupt_mid_epoch_checkpoints_and_the_resumed_run_replays_that_epo
             if runner.iter == 1:
                 os.kill(os.getpid(), signal.SIGINT)
 
+    before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN in a background job
     with interruptible() as state, pytest.raises(TrainingInterrupted) as info:
         runner = Runner.from_cfg(epoch_cfg())
         runner.register_hook(CtrlC())
         run_guarded(runner, state)
     message = str(info.value)
     assert "interrupted by SIGINT at iteration 2" in message and "replays epoch 1" in message
-    meta = torch.load(tmp_path / "iter_2.pth", map_location="cpu", weights_only=False)["meta"]
+    meta = torch.load(tmp_path / "iter_2.pth", map_location="cpu", weights_only=True)["meta"]
     assert (meta["epoch"], meta["iter"]) == (0, 2)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGINT) is before  # the handler in place before is restored
 
     resumed = Runner.from_cfg(epoch_cfg(resume="auto"))
     resumed.train()
@@ -480,7 +480,7 @@ def test_a_changed_dataset_is_refused_by_train_and_by_resume(change, data_root, 
 
 
 def test_a_nan_teacher_checkpoint_is_refused_before_a_store_exists(data_root, teacher_ckpt, tmp_path):  # noqa: F811
-    state = torch.load(teacher_ckpt, map_location="cpu", weights_only=False)
+    state = torch.load(teacher_ckpt, map_location="cpu", weights_only=True)
     key = next(k for k in state["state_dict"] if k.startswith("pts_backbone") and k.endswith("weight"))
     state["state_dict"][key].view(-1)[0] = float("nan")
     bad = tmp_path / "nan.pth"
@@ -562,8 +562,9 @@ def test_a_dying_rank_fails_torchrun_extraction_within_bounds_and_resume_complet
     out = tmp_path / "ddp.zarr"
     args = _extract_args(data_root, teacher_ckpt, out)
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "BEVCACHE_KILL_AFTER_BLOCKS": "1", "BEVCACHE_KILL_RANK": "1"}
-    cmd = [torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "bevcache.cli",
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()),
+           str(Path(__file__).with_name("fault_injection.py")), "--kill-after-blocks", "1", "--rank", "1", "--",
            *args, "--launcher", "pytorch"]
     start = time.time()
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
@@ -581,10 +582,11 @@ def test_a_dying_rank_fails_torchrun_extraction_within_bounds_and_resume_complet
 
 
 @pytest.mark.slow
-def test_a_stalled_rank_makes_the_barrier_fail_after_bevcache_dist_timeout(tmp_path):
+def test_a_stalled_rank_makes_the_barrier_fail_after_the_dist_cfg_timeout(tmp_path):
+    """The collective timeout is mmengine's own setting, env_cfg.dist_cfg.timeout (5 s here)."""
     script = Path(__file__).with_name("dist_timeout_script.py")
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "BEVCACHE_DIST_TIMEOUT_S": "5", "STALL_S": "60"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "STALL_S": "60"}
     start = time.time()
     result = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()),
                              str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)

@@ -20,7 +20,6 @@ from bevcache.store import open_store
 
 from .conftest import REPO, bevcache_cmd
 from .fault_injection import killed_cmd
-from .test_extract import teacher_ckpt  # noqa: F401  (module fixture reused)
 from .test_reliability import ITER_STUDENT, STUDENT, _extract_args, neck_store  # noqa: F401
 from .test_store_spatial import SPATIAL, make_spatial_store, run_kill_child, write_blocks
 

@@ -17,7 +17,6 @@ from bevcache.extract import ExtractOptions, extract
 from bevcache.replay import (
     DIGEST_META,
     VIEW_META,
-    ReplayEpochHook,
     ReplayViewsDataset,
     find_replay_dataset,
     pick_view,
@@ -27,10 +26,7 @@ from bevcache.store import LayerSpec, create_store, open_store
 from bevcache.train import TrainOptions, build_train_config
 
 from .conftest import CONFIGS, REPO, bevcache_cmd, tiny_cfg
-from .test_extract import (
-    _run_killed,
-    teacher_ckpt,  # noqa: F401  (module fixture reused)
-)
+from .test_extract import _run_killed
 from .test_train import run, short_run
 
 TEACHER = str(CONFIGS / "tiny_teacher.py")
@@ -150,7 +146,9 @@ def test_student_replay_sees_bit_identical_points_and_boxes(views_store, data_ro
     cfg = build_train_config(TrainOptions(student=REPLAY_STUDENT, data_root=str(data_root), cache=views_store))
     student_ds = _train_dataset(cfg)
     replay = find_replay_dataset(student_ds)
-    assert replay is not None and replay.num_views == VIEWS
+    assert replay is not None and replay.num_views is None  # K comes from the store, via the distiller
+    replay.bind(num_views=store.num_views, recorded=store.attrs["augmentation"], where=views_store)
+    assert replay.num_views == VIEWS
     teacher_views, _ = _views_dataset(tiny_cfg("tiny_teacher.py", data_root), {"split": "train", "views": VIEWS},
                                       store.tokens)
     seen = set()
@@ -175,18 +173,20 @@ def test_persistent_workers_follow_the_epoch(views_store, data_root):
     from torch.utils.data import DataLoader
 
     cfg = build_train_config(TrainOptions(student=REPLAY_STUDENT, data_root=str(data_root), cache=views_store))
-    assert {"type": "ReplayEpochHook"} in [dict(h) for h in cfg.custom_hooks]
+    from bevcache.hooks import DistillationHook
+
+    assert {"type": "DistillationHook"} in [dict(h) for h in cfg.custom_hooks]
     dataset = _train_dataset(cfg)
     replay = find_replay_dataset(dataset)
+    replay.bind(num_views=VIEWS, recorded=None, where=views_store)
     loader = DataLoader(dataset, batch_size=4, num_workers=2, persistent_workers=True, collate_fn=pseudo_collate)
-    hook, runner = ReplayEpochHook(), type("R", (), {"train_dataloader": loader})()
+    hook, runner = DistillationHook(), type("R", (), {"train_dataloader": loader})()
     for epoch in (0, 1):
         runner.epoch = epoch
         hook.before_train_epoch(runner)  # set in the main process, read in the (forked, persistent) workers
         got = [s.metainfo[VIEW_META] for batch in loader for s in batch["data_samples"]]
         assert got == [pick_view(replay.seed, epoch, i, VIEWS) for i in range(len(dataset))]
-    runner.train_loop, runner.iter = object(), 3 * len(loader) + 1  # iteration-based: passes count as epochs
-    hook.before_train(runner)
+    hook._iters_per_pass, runner.iter = len(loader), 3 * len(loader) + 1  # iteration-based: passes are epochs
     hook.before_train_iter(runner, 0)
     assert replay.epoch == 3
 
@@ -223,7 +223,7 @@ def test_a_changed_augmented_input_is_refused_at_the_loss(views_store, data_root
 def test_resume_of_a_killed_view_extraction_gives_the_identical_store(views_store, data_root, teacher_ckpt, tmp_path):  # noqa: F811
     out = tmp_path / "killed.zarr"
     args = _extract_args(data_root, teacher_ckpt, out)
-    assert _run_killed(args, {"BEVCACHE_KILL_AFTER_BLOCKS": "1"}) == -signal.SIGKILL
+    assert _run_killed(args, 1) == -signal.SIGKILL
     partial = open_store(str(out))
     assert 0 < int(partial.complete_mask().sum()) < 12
     result = subprocess.run(bevcache_cmd(*args, "--resume"), cwd=REPO, capture_output=True, text=True)
@@ -247,8 +247,9 @@ def test_a_different_student_pipeline_is_refused_naming_the_transform(views_stor
                 for s in pipeline if s["type"] != drop]
     config = tmp_path / "student.py"
     config.write_text(f"_base_ = [{REPLAY_STUDENT!r}]\ntrain_dataloader = dict(dataset=dict(pipeline={pipeline!r}))\n")
-    with pytest.raises(StoreMismatch, match="differs from the one the views") as err:
-        build_train_config(TrainOptions(student=str(config), data_root=str(data_root), cache=views_store))
+    with pytest.raises(StoreMismatch, match="differs from the one the views") as err:  # at before_train
+        run(short_run(build_train_config(TrainOptions(student=str(config), data_root=str(data_root),
+                                                      cache=views_store)), tmp_path / "w", 1))
     assert expected in str(err.value)
 
 
@@ -256,11 +257,16 @@ def test_replay_without_views_is_a_clear_error(data_root, teacher_ckpt, tmp_path
     plain = tmp_path / "plain.zarr"
     extract(ExtractOptions(config=TEACHER, checkpoint=teacher_ckpt, out=str(plain), data_root=str(data_root),
                            batch_size=4, num_workers=0, chunk_rows=4, progress=False))
+    from mmengine.runner import Runner
+
     with pytest.raises(StoreError, match="--views K"):
-        build_train_config(TrainOptions(student=REPLAY_STUDENT, data_root=str(data_root), cache=str(plain)))
-    with pytest.raises(ConfigError, match="distill.views=K"):
-        build_train_config(TrainOptions(student=REPLAY_STUDENT, data_root=str(data_root), teacher_online=TEACHER,
-                                        teacher_checkpoint=teacher_ckpt))
+        Runner.from_cfg(short_run(build_train_config(TrainOptions(
+            student=REPLAY_STUDENT, data_root=str(data_root), cache=str(plain), distill_options=["augmentation=replay"])),
+            tmp_path / "a", 1))
+    with pytest.raises(ConfigError, match="needs views=K"):
+        run(short_run(build_train_config(TrainOptions(student=REPLAY_STUDENT, data_root=str(data_root),
+                                                      teacher_online=TEACHER, teacher_checkpoint=teacher_ckpt)),
+                      tmp_path / "b", 1))
     with pytest.raises(ConfigError, match="num_views >= 1"):
         ReplayViewsDataset(dataset=[], num_views=0, fingerprint="x")
 
