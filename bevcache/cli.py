@@ -77,13 +77,18 @@ def main(verbose: bool) -> None:
 @click.option("--val-samples", type=click.IntRange(min=1), default=None, help="Validation samples [default: samples/4].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--sweeps", type=click.IntRange(min=0), default=0, show_default=True, help="LiDAR sweeps per sample.")
+@click.option("--version", "version", type=click.Choice(["mini", "trainval", "both"]), default="both", show_default=True,
+              help="nuScenes table versions to write (v1.0-mini, v1.0-trainval: BEVFusion evaluates on trainval).")
+@click.option("--no-gt-database", is_flag=True, help="Skip the ground-truth database ObjectSample reads.")
 @_friendly
-def synth(out_dir: str, samples: int, val_samples: int | None, seed: int, sweeps: int) -> None:
-    """Write a synthetic nuScenes-format data root (points, v2 infos, nuScenes tables)."""
+def synth(out_dir: str, samples: int, val_samples: int | None, seed: int, sweeps: int, version: str,
+          no_gt_database: bool) -> None:
+    """Write a synthetic nuScenes-format data root (points, v2 infos, nuScenes tables, gt database)."""
     from .synth import generate
 
     summary = generate(out_dir, num_train=samples, num_val=val_samples or max(samples // 4, 2), seed=seed,
-                       sweeps=sweeps, progress=True)
+                       sweeps=sweeps, progress=True, version="both" if version == "both" else f"v1.0-{version}",
+                       gt_database=not no_gt_database)
     click.echo(json.dumps(summary, indent=2, default=str))
 
 

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import importlib
-import os
 
 import torch
 
@@ -47,14 +46,3 @@ def patch_numpy_long() -> bool:
         return False
     np.long = np.int_
     return True
-
-
-def trust_own_checkpoints_for_resume() -> None:
-    """Let mmengine 0.10.7 resume on torch>=2.6, whose torch.load defaults to weights_only=True.
-
-    mmengine's resume calls a plain `torch.load`; its checkpoints pickle the message hub
-    (HistoryBuffer, numpy arrays, builtins such as getattr), which the weights-only unpickler
-    refuses. Resuming means loading a checkpoint this tool (or the user) wrote, so for the
-    resuming process only we restore torch's pre-2.6 default. Never set for other loads.
-    """
-    os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"

@@ -21,6 +21,7 @@ import torch
 from .data import (
     INDEX_PRESERVING_WRAPPERS,
     build_base_dataset,
+    check_data_files,
     ensure_index_meta,
     set_data_root,
     test_pipeline,
@@ -100,6 +101,7 @@ def build_train_config(opts: TrainOptions):
     cfg = load_config(opts.student, opts.cfg_options)
     if opts.data_root:
         set_data_root(cfg, opts.data_root)
+    check_data_files(cfg, loaders=("train_dataloader",))  # a missing file is named by its config key
     cfg.work_dir = opts.work_dir or cfg.get("work_dir") or f"work_dirs/{Path(opts.student).stem}"
     check_writable_location(cfg.work_dir, "--work-dir")  # before the store or any model is touched
     if opts.resume not in (None, "auto") and not Path(opts.resume).is_file():
