@@ -59,10 +59,15 @@ randomness = dict(seed=0, deterministic=False)
 
 
 @pytest.fixture(scope="module")
-def env() -> dict:
+def env():
     """Environment of every subprocess: the checkout named by MMDET3D_ROOT alone (no PYTHONPATH)."""
+    before = os.environ.get("MMDET3D_ROOT")
     os.environ["MMDET3D_ROOT"] = str(CHECKOUT)  # for this process too (bevcache.bevfusion_cpu reads it)
-    return {**os.environ, "MMDET3D_ROOT": str(CHECKOUT)}
+    yield {**os.environ, "MMDET3D_ROOT": str(CHECKOUT)}
+    if before is None:
+        os.environ.pop("MMDET3D_ROOT")
+    else:
+        os.environ["MMDET3D_ROOT"] = before
 
 
 def run(args: list[str], env: dict, *, ok: bool = True, timeout: float = 540) -> subprocess.CompletedProcess:
@@ -260,12 +265,13 @@ def test_extract_pooled_pts_neck(neck_store, env):
     assert torch.isfinite(table).all() and table.std(0).max() > 0
 
 
-def test_extract_several_layers(tmp_path, bev_data, env):
+def test_extract_several_layers(tmp_path, bev_data, teacher_checkpoint, env):
     """Layers before, at and after pts_neck; the forward stops after the head's shared conv."""
     from bevcache.store import open_store
 
     out = tmp_path / "layers.zarr"
-    cli("extract", "--config", TEACHER, "--data-root", bev_data, "--out", out, "--batch-size", 1,
+    cli("extract", "--config", TEACHER, "--checkpoint", teacher_checkpoint, "--data-root", bev_data, "--out", out,
+        "--batch-size", 1,
         "--num-workers", 0, "--layers", "pts_neck,pts_middle_encoder,bbox_head.shared_conv", env=env)
     store = open_store(str(out))
     dims = {name: spec.dim for name, spec in store.layers.items()}
@@ -286,7 +292,8 @@ def test_train_cached(cached_run):
     assert (work / "iter_3.pth").is_file() and (work / "student_weights.pth").is_file()
     assert "loss_crd_pts_neck" in proc.stdout + proc.stderr
     # Random train transforms are dropped, BEVFusion's own flip included (it draws from numpy's RNG).
-    dropped = next(line for line in proc.stderr.splitlines() if "dropping random train transforms" in line)
+    output = (proc.stdout + proc.stderr).splitlines()
+    dropped = next(line for line in output if "random train transforms" in line and "'drop'" in line)
     for name in ("ObjectSample", "GlobalRotScaleTrans", "BEVFusionRandomFlip3D", "PointShuffle"):
         assert name in dropped, dropped
 
@@ -299,22 +306,31 @@ def test_train_online(tmp_path, bev_data, teacher_checkpoint, env):
     assert "loss_crd_pts_neck" in proc.stdout + proc.stderr
 
 
-def test_export_student_loads_strictly_into_the_full_student(cached_run, tmp_path, env):
-    """The exported weights are a plain BEVFusion student: strict load into student_lidar.py (full grid)."""
+def _load_into_full_student(weights: Path, trained: Path) -> None:
+    """A plain BEVFusion student: strict load into student_lidar.py (full grid), same tensors as trained."""
     from mmdet3d.registry import MODELS
     from mmengine.runner import load_checkpoint
 
     from bevcache.runtime import load_config, setup_runtime
 
+    setup_runtime()
+    model = MODELS.build(copy.deepcopy(load_config(CONFIGS / "bevfusion" / "student_lidar.py").model))
+    load_checkpoint(model, str(weights), map_location="cpu", strict=True)  # spconv layout from _metadata
+    state = torch.load(trained, map_location="cpu", weights_only=False)["state_dict"]
+    weight = "pts_middle_encoder.conv_input.0.weight"
+    assert torch.equal(model.state_dict()[weight], state[f"student.{weight}"])
+
+
+def test_trained_student_loads_strictly_into_the_full_student(cached_run, env):
+    work, _ = cached_run
+    _load_into_full_student(work / "student_weights.pth", work / "iter_3.pth")
+
+
+def test_export_student(cached_run, tmp_path, env):
     work, _ = cached_run
     out = tmp_path / "student.pth"
     cli("export-student", work / "iter_3.pth", out, env=env)
-    setup_runtime()
-    model = MODELS.build(copy.deepcopy(load_config(CONFIGS / "bevfusion" / "student_lidar.py").model))
-    load_checkpoint(model, str(out), map_location="cpu", strict=True)
-    trained = torch.load(work / "iter_3.pth", map_location="cpu", weights_only=False)["state_dict"]
-    weight = "pts_middle_encoder.conv_input.0.weight"
-    assert torch.equal(model.state_dict()[weight], trained[f"student.{weight}"])
+    _load_into_full_student(out, work / "iter_3.pth")
 
 
 def test_replay_is_refused_or_exact(tmp_path, bev_data, teacher_checkpoint, env):

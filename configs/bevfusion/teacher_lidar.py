@@ -1,5 +1,5 @@
 # BEVFusion LiDAR-only teacher from a mmdetection3d checkout (projects/BEVFusion is not in the wheel).
-#   export MMDET3D_ROOT=/path/to/mmdetection3d   # and put it on PYTHONPATH for the custom import
+#   export MMDET3D_ROOT=/path/to/mmdetection3d   # enough: bevcache.bevfusion_cpu adds it to sys.path
 #   bevcache extract --config configs/bevfusion/teacher_lidar.py --checkpoint bevfusion_lidar.pth \
 #       --data-root data/nuscenes
 # pts_neck is a list of one [B, 512, 180, 180] map; it pools to a 512-d vector per sample.

@@ -6,7 +6,7 @@
 #   BEVFUSION_VOXELS=720 bevcache extract --config configs/bevfusion/teacher_lidar_small.py ...
 _base_ = ['teacher_lidar.py']
 
-voxels_per_side = {{$BEVFUSION_VOXELS:384}}
+voxels_per_side = int('{{$BEVFUSION_VOXELS:384}}')  # a string: mmengine parses the file before substituting
 assert voxels_per_side % 16 == 0, f'BEVFUSION_VOXELS must be a multiple of 16. Got {voxels_per_side}.'
 half_width = round(voxels_per_side * 0.075 / 2, 4)
 point_cloud_range = [-half_width, -half_width, -5.0, half_width, half_width, 3.0]

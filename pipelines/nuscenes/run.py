@@ -35,7 +35,7 @@ PROGRESS = ("Epoch(train)", "Iter(train)", "Epoch(test)", "bevcache INFO", "bevc
             "Create GT Database", "Traceback")
 
 # --dry-run: tiny synthetic data, the reduced grid, a random teacher, a few student iterations.
-DRY_TRAIN, DRY_VAL, DRY_ITERS = 6, 2, 4
+DRY_TRAIN, DRY_VAL, DRY_ITERS = 4, 2, 3
 DRY_STUDENT = """
 _base_ = ['{student}']
 train_cfg = dict(_delete_=True, type='IterBasedTrainLoop', max_iters={iters}, val_interval=10**9)
@@ -82,8 +82,12 @@ class Recipe:
             work / ("teacher-random.pth" if self.dry else Path(CHECKPOINT_URL).name)
         self.store = work / "features.zarr"
         self.student_dir = work / "student"
-        self.env = {**os.environ, "MMDET3D_ROOT": str(self.checkout),
-                    "PYTHONPATH": os.pathsep.join(filter(None, [str(self.checkout), os.environ.get("PYTHONPATH")]))}
+        # bevcache finds the checkout from MMDET3D_ROOT alone (bevcache.bevfusion_cpu); the checkout's
+        # own tools import `tools.*`, so they also get it on PYTHONPATH (where its source `mmdet3d/`
+        # then shadows the installed wheel: same code, without the wheel's .mim files).
+        self.env = {**os.environ, "MMDET3D_ROOT": str(self.checkout)}
+        self.tools_env = {**self.env, "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(self.checkout), os.environ.get("PYTHONPATH")]))}
         self.summary: dict = {"dry_run": self.dry, "data_root": str(self.data), "steps": {}}
 
     def run(self, steps: list[str]) -> None:
@@ -101,17 +105,19 @@ class Recipe:
 
     def prepare(self) -> dict:
         """Info pkls and the gt database (ObjectSample's) with mmdet3d's own converter."""
-        if self.dry and not (self.data / "nuscenes_infos_train.pkl").is_file():
-            self.sh("synth", [sys.executable, "-m", "bevcache.cli", "synth", str(self.data), "--samples", str(DRY_TRAIN),
-                              "--val-samples", str(DRY_VAL), "--sweeps", "1", "--seed", "0"])
+        convert = [sys.executable, "tools/create_data.py", "nuscenes", "--root-path", str(self.data),
+                   "--out-dir", str(self.data), "--extra-tag", "nuscenes"]
+        if self.dry:
+            if not (self.data / "nuscenes_infos_train.pkl").is_file():
+                self.sh("synth", [sys.executable, "-m", "bevcache.cli", "synth", str(self.data), "--samples",
+                                  str(DRY_TRAIN), "--val-samples", str(DRY_VAL), "--sweeps", "1", "--seed", "0"])
+            # synth wrote the infos; (re)build the gt database with the converter the real run uses
+            self.sh("create_data", [*convert, "--only-gt-database"], tool=True)
+            return {"synthetic": True}
         done = [self.data / f for f in ("nuscenes_infos_train.pkl", "nuscenes_infos_val.pkl", "nuscenes_dbinfos_train.pkl")]
         if all(f.is_file() for f in done):
             return {"skipped": "infos and gt database exist"}
-        convert = [sys.executable, "tools/create_data.py", "nuscenes", "--root-path", str(self.data),
-                   "--out-dir", str(self.data), "--extra-tag", "nuscenes"]
-        if self.dry:  # synth wrote the infos; build the gt database exactly as the real converter does
-            convert += ["--only-gt-database", "--version", self._table_version()]
-        code = self.sh("create_data", convert, cwd=self.checkout, check=False)
+        code = self.sh("create_data", convert, tool=True, check=False)
         if code and all(f.is_file() for f in done):
             # The converter does v1.0-test after trainval; without the test set it stops there.
             print("[nuscenes]   the converter failed after the trainval part (no v1.0-test?); training needs only "
@@ -173,7 +179,7 @@ class Recipe:
             options.append(f"test_dataloader.dataset.metainfo.version={self._table_version()}")
         log = self.sh(f"test_{name}", [*self.launch("tools/test.py"), str(config), str(weights),
                                        "--work-dir", str(self.work / f"test_{name}"), "--cfg-options", *options],
-                      cwd=self.checkout, capture=True)
+                      tool=True, capture=True)
         metrics = {k: float(v) for k, v in METRIC.findall(log)}
         print(f"[nuscenes]   {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
         return metrics
@@ -195,13 +201,15 @@ class Recipe:
             cmd = [sys.executable, "-m", "bevcache.cli", *argv]
         self.sh(command, cmd)
 
-    def sh(self, name: str, cmd: list[str], *, cwd: Path = REPO, check: bool = True, capture: bool = False):
-        """Run cmd, logging everything to WORK/logs/NAME.log and echoing progress lines."""
-        print("$ " + " ".join(map(str, cmd)), flush=True)
+    def sh(self, name: str, cmd: list[str], *, tool: bool = False, check: bool = True, capture: bool = False):
+        """Run cmd (a checkout `tool`: from the checkout), logging everything to WORK/logs/NAME.log and
+        echoing progress lines."""
+        cwd, env = (self.checkout, self.tools_env) if tool else (REPO, self.env)
+        print(("$ cd $MMDET3D_ROOT && " if tool else "$ ") + " ".join(map(str, cmd)), flush=True)
         log_file = self.work / "logs" / f"{name}.log"
         log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(log_file, "w") as fh:
-            proc = subprocess.Popen(list(map(str, cmd)), cwd=cwd, env=self.env, stdout=subprocess.PIPE,
+            proc = subprocess.Popen(list(map(str, cmd)), cwd=cwd, env=env, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True)
             for line in proc.stdout:
                 fh.write(line)
