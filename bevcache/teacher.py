@@ -22,7 +22,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 import torch
@@ -31,6 +31,12 @@ from torch import nn
 
 from .errors import CheckpointError, ConfigError
 from .features import LayerRecorder
+
+if TYPE_CHECKING:
+    from mmengine.config import Config
+
+# A whole mmengine Config (not a Mapping) or any mapping with a `model` key (e.g. ConfigDict(model=...)).
+ConfigLike = Union["Config", Mapping[str, Any]]
 
 log = logging.getLogger("bevcache")
 
@@ -133,12 +139,12 @@ def build_model(model_cfg: Mapping) -> nn.Module:
                           f"{_one_line(f'{type(exc).__name__}: {exc}')}; fix the config's model section.") from None
 
 
-def resolve_teacher_checkpoint(cfg: Mapping, checkpoint: str | None) -> str | None:
+def resolve_teacher_checkpoint(cfg: ConfigLike, checkpoint: str | None) -> str | None:
     """The explicit checkpoint, else the config's `load_from` (as mmdet3d users expect), else None."""
     return checkpoint or cfg.get("load_from") or None
 
 
-def _model_cfg(cfg: Mapping) -> Mapping:
+def _model_cfg(cfg: ConfigLike) -> Mapping:
     model = cfg.get("model") if hasattr(cfg, "get") else None  # a Config is no Mapping
     if model is None:
         raise ConfigError("the config has no `model` section; pass an mmdet3d detector config.")
@@ -180,7 +186,7 @@ def load_weights(model: nn.Module, path: str, *, trust: bool = False) -> dict:
     return ckpt
 
 
-def build_teacher(cfg: Mapping, checkpoint: str | None, device: torch.device | str, *,
+def build_teacher(cfg: ConfigLike, checkpoint: str | None, device: torch.device | str, *,
                   trust_checkpoint: bool = False, random_init: bool = False) -> nn.Module:
     """The config's model with its weights (checkpoint, else load_from), frozen, in eval mode."""
     path = resolve_teacher_checkpoint(cfg, checkpoint)
@@ -212,7 +218,7 @@ def weights_sha256(model_or_state_dict: nn.Module | Mapping[str, Any]) -> str:
     return digest.hexdigest()
 
 
-def config_record(cfg: Mapping) -> dict:
+def config_record(cfg: ConfigLike) -> dict:
     """The model section as a JSON-able dict and its sha256 (taken before any build can alter it)."""
     model = copy.deepcopy(_model_cfg(cfg))
     model = model.to_dict() if hasattr(model, "to_dict") else dict(model)

@@ -32,7 +32,7 @@ from bevcache.teacher import (
 )
 from bevcache.train import iteration_run
 
-from .conftest import tiny_cfg
+from .conftest import CONFIGS, tiny_cfg
 
 VOXEL_TEACHER, VOXEL_STUDENT = "tiny_voxel_teacher.py", "tiny_voxel_student.py"
 SPCONV_KEY = "pts_middle_encoder.conv_input.0.weight"
@@ -385,6 +385,26 @@ def test_exported_student_loads_without_bevcache(data_root, runner_ckpts, tmp_pa
     detector = init_model(config, out, device="cpu")
     assert weights_sha256(detector) == expected
     assert list(detector.dataset_meta["classes"])[:2] == ["car", "truck"]
+
+
+@pytest.mark.slow
+def test_real_distiller_checkpoint_exports(data_root, voxel_teacher_ckpt, tmp_path):
+    """One Runner iteration of the online CRDDistiller (voxel student and teacher): its checkpoint
+    (student., teacher., crd. keys) loads weights-only and exports the student that trained."""
+    from mmdet3d.apis import init_model
+
+    from bevcache.train import TrainOptions, build_train_config
+
+    cfg = build_train_config(TrainOptions(student=str(CONFIGS / VOXEL_STUDENT), teacher_online=str(CONFIGS / VOXEL_TEACHER),
+                                          teacher_checkpoint=voxel_teacher_ckpt[0], data_root=str(data_root),
+                                          work_dir=str(tmp_path)))
+    runner = Runner.from_cfg(iteration_run(cfg, work_dir=tmp_path, iters=1, checkpoint_interval=1))
+    runner.train()
+    state = load_checkpoint_file(tmp_path / "iter_1.pth")["state_dict"]
+    assert {k.split(".")[0] for k in state} >= {"student", "crd"}
+    out = export_student(str(tmp_path / "iter_1.pth"), str(tmp_path / "student.pth"))
+    trained = weights_sha256(runner.model.student)
+    assert weights_sha256(init_model(tiny_cfg(VOXEL_STUDENT, data_root), out, device="cpu")) == trained
 
 
 def test_export_refuses_what_holds_no_student(tmp_path):
