@@ -256,7 +256,8 @@ def main() -> None:
     if args.child:
         return child(args)
     if args.quick:
-        args.train_samples, args.warmup, args.iters, args.reps = 2, 1, 1, 1
+        # 4: fewer synthetic samples can leave a class out of the gt database, which DataBaseSampler refuses
+        args.train_samples, args.warmup, args.iters, args.reps = 4, 1, 1, 1
     variants = [v for v in args.variants.split(",") if v]
     parts = [x for x in args.parts.split(",") if x]
     if set(variants) - set(VARIANTS) or set(parts) - {"train", "extract"}:
@@ -271,7 +272,7 @@ def main() -> None:
                     "train_samples": args.train_samples}
 
     if "extract" in parts:
-        warm = bev_data(work.parent, 2, 2) if args.train_samples != 2 else data
+        warm = bev_data(work.parent, 2, 2)
         result["extraction"] = extraction(args, work, data, warm, ckpt, args.train_samples)
     if "train" in parts:
         store = work / "store.zarr"
