@@ -12,7 +12,8 @@ and the same with the teacher's augmentation (configs/tiny_student_replay.py):
   (b+) cached CRD, augmentation kept        `--cache features.zarr --distill augmentation=keep`
 and spatial (BEV map) distillation of pts_neck, augmented (`bevcache extract --spatial pts_neck=<grid>`):
   (e)  spatial cached + warp                `--cache features-spatial<G>.zarr`, layers={} (no CRD), augmentation='warp'
-  (f)  spatial online                       `--teacher-online ...`, layers={}, spatial channels/grid, augmentation='keep'
+  (f)  spatial online                       `--teacher-online ...`, spatial channels/grid, augmentation='keep'
+                                            (pooled CRD layer kept with alpha=0: bevcache fails on layers={} online)
   (g)  spatial cached + replay              `--cache features-views<K>-spatial<G>.zarr`, layers={}, augmentation='replay'
   (h)  CRD + spatial cached + warp          `--cache features-spatial<G>.zarr`, pooled CRD + spatial, augmentation='warp'
 The spatial variants' `distill` settings are written into a generated student config
@@ -140,7 +141,12 @@ def config_distill(args, kind: str) -> dict:
         spatial.update(channels=TEACHER_CHANNELS, grid=(args.spatial_grid, args.spatial_grid))
     policy = {"spatial-warp": "warp", "crd-spatial-warp": "warp", "spatial-online": "keep", "spatial-replay": "replay"}
     out = {"spatial": spatial, "augmentation": policy[kind]}
-    if kind != "crd-spatial-warp":
+    if kind == "spatial-online":
+        # Spatial only, online: bevcache records the online teacher's `layers` only, so layers={}
+        # fails ("layer(s) ['pts_neck'] produced no output in the forward pass"). Keep the pooled
+        # CRD layer (the teacher then records pts_neck) with alpha=0: no CRD gradient reaches the student.
+        out["alpha"] = 0.0
+    elif kind != "crd-spatial-warp":
         out["layers"] = {}  # no pooled CRD: spatial only
     return out
 
