@@ -589,16 +589,15 @@ def report(args, order: list[dict], runs: dict, teacher_rec: dict, extract_rec: 
                       f"{rec['bytes_on_disk'] / 1024:.0f} KiB | {rec['bytes_on_disk'] / args.train:.0f} |")
     if spatial_recs:
         g = args.spatial_grid
-        md += ["", f"Spatial stores (`bevcache extract --spatial pts_neck={g}`: pooled pts_neck plus its BEV map, "
-                   f"512 x {g} x {g} float16, {args.train} samples; whole command incl. start-up):", "",
-               "| store | wall clock | store on disk | bytes per sample |", "|---|---|---|---|"]
-        base = (extract_rec or {}).get("by_views", {}).get(0) or extract_rec
-        for k, rec in spatial_recs.items():
-            md.append(f"| `{Path(rec['store']).name}` ({k}) | {rec['seconds']:.1f} s | "
-                      f"{rec['bytes_on_disk'] / 2**20:.1f} MiB | {rec['bytes_on_disk'] / args.train:.0f} |")
-        if base:
-            md.append(f"| pooled only, `{Path(base['store']).name}` (K={base.get('views', 0)}) | {base['seconds']:.1f} s | "
-                      f"{base['bytes_on_disk'] / 2**20:.2f} MiB | {base['bytes_on_disk'] / args.train:.0f} |")
+        md += ["", f"Stores the students trained on (`bevcache extract`, {args.train} samples, whole command incl. "
+                   f"start-up; spatial = `--spatial pts_neck={g}`: the pooled 512-d vector plus the 512 x {g} x {g} "
+                   "float16 BEV map per sample and view):", "",
+               "| store | views K | spatial | wall clock | store on disk | bytes per sample |",
+               "|---|---|---|---|---|---|"]
+        for rec in spatial_recs.values():
+            md.append(f"| `{Path(rec['store']).name}` | {rec.get('views', 0)} | "
+                      f"{f'{g}x{g}' if rec.get('spatial_grid') else '-'} | {rec['seconds']:.1f} s | "
+                      f"{rec['bytes_on_disk'] / 2**20:.2f} MiB | {rec['bytes_on_disk'] / args.train:.0f} |")
     md += ["", "mean ± std over seeds; train s/epoch = mean logged iteration time × iterations per epoch "
                "(validation and start-up excluded); wall clock = the whole `bevcache train` command.", "",
            "## Verdict", "", *lines, ""]
@@ -663,7 +662,7 @@ def main(argv=None) -> None:
         stores[(views, True)] = extract(args, tsig, ckpt, views=views, spatial=args.spatial_grid)
     if extract_rec:
         extract_rec = dict(extract_rec, by_views={k: rec for k, (rec, _) in cost.items()})
-    spatial_recs = {f"K={v}": rec for (v, sp), (rec, _) in sorted(stores.items()) if sp}
+    spatial_recs = {f"K={v}{' spatial' if sp else ''}": rec for (v, sp), (rec, _) in sorted(stores.items())}
     runs: dict[str, list[dict]] = {v["name"]: [] for v in order}
     # Seed-major order, and a report after every seed: an interrupted recipe still has a report
     # in which every variant has the same seeds.
