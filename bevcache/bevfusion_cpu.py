@@ -12,10 +12,11 @@ nothing.
    (`ops/bev_pool/bev_pool_ext`, `ops/voxel/voxel_layer`). Missing ones get a placeholder module
    whose functions raise `BEVFusionOpUnavailable`; the LiDAR-only model never calls them. Without
    CUDA, `bev_pool` (the camera branch's BEV pooling, a CUDA kernel) raises it too.
-2. BEVFusion's own CPU voxelization indexes its z,y,x lookup table with x,y,z (it crashes on the
-   1440 x 1440 x 41 grid). `MMCVVoxelization`, mmcv's kernel of the same algorithm with its
-   coordinate columns reversed to BEVFusion's x,y,z, takes its place: without CUDA, or with CUDA
-   when `voxel_layer` was not compiled.
+2. BEVFusion's own CPU voxelization indexes its z,y,x cell table with x,y,z: it segfaults on a
+   non-cubic grid such as BEVFusion's 1440 x 1440 x 41 (on a cubic one it is bit-equal to the
+   stand-in). `MMCVVoxelization`, mmcv's kernel of the same algorithm with its coordinate columns
+   reversed to BEVFusion's x,y,z, takes its place: without CUDA, or with CUDA when `voxel_layer`
+   was not compiled.
 3. spconv's sparse-conv backward on a CPU-only torch: the shim of bevcache.compat.
 """
 
@@ -33,7 +34,7 @@ import torch
 from mmcv.ops import Voxelization as _MMCVVoxelization
 
 PACKAGE = "projects.BEVFusion.bevfusion"
-# (module, file stem under projects/BEVFusion/bevfusion, functions the project calls in it)
+# (extension module under projects/BEVFusion/bevfusion, the functions the project calls in it)
 EXTENSIONS = (
     ("ops.bev_pool.bev_pool_ext", ("bev_pool_forward", "bev_pool_backward")),
     ("ops.voxel.voxel_layer", ("hard_voxelize", "dynamic_voxelize", "dynamic_point_to_voxel_forward",
