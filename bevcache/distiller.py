@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .crd import CRDLoss
 from .data import batch_rows
-from .errors import ConfigError, StoreError, StoreMismatch
+from .errors import ConfigError, LayerError, StoreError, StoreMismatch
 from .features import POOLINGS, LayerRecorder, pool_output
 from .replay import DIGEST_META, VIEW_META
 
@@ -365,6 +365,10 @@ class CRDDistiller(BaseModel):
                 "custom_hooks=[dict(type='DistillationHook')] to the config (bevcache train adds it).")
         losses = self.student(**data, mode="loss")
         batch = len(data_samples)
+        missing = [n for n in self.student_recorder.layers if n not in self.student_recorder.outputs]
+        if missing:
+            raise LayerError(f"student layer(s) {missing} produced no output in the training forward pass (the model "
+                             "never calls them on this path); choose a layer that runs, such as 'pts_neck'.")
         student_feats = {s: pool_output(self.student_recorder.outputs[s], self.pooling[s], batch) for s in self.layers}
         student_maps = {s: self.student_recorder.outputs[s] for s in self.spatial_cfg.get("layers", {})}
         self.student_recorder.outputs.clear()

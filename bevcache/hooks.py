@@ -24,6 +24,20 @@ def unwrap_model(model):
     return model.module if hasattr(model, "module") else model
 
 
+def restart_loader_workers(loop) -> None:
+    """mmengine's IterBasedTrainLoop starts its loader (and forks its workers) when it is built,
+    before any hook runs: a fresh iterator makes the workers see what `before_train` changed
+    (the pipeline without dropped transforms, the replay wrapper's K)."""
+    iterator = getattr(loop, "dataloader_iterator", None)
+    if iterator is None:
+        return
+    stale = getattr(loop.dataloader, "_iterator", None)  # persistent workers are kept by the DataLoader itself
+    if stale is not None:
+        stale._shutdown_workers()
+        loop.dataloader._iterator = None
+    loop.dataloader_iterator = type(iterator)(loop.dataloader)
+
+
 @HOOKS.register_module()
 class DistillationHook(Hook):
     """Data checks at before_train; replay epochs. Iteration-based loops count a pass of
@@ -48,6 +62,7 @@ class DistillationHook(Hook):
                                 base_pipeline_cfg(runner.cfg.get("train_dataloader", {}).get("dataset")))
         if not isinstance(runner.train_loop, EpochBasedTrainLoop):
             self._iters_per_pass = max(len(runner.train_dataloader), 1)
+            restart_loader_workers(runner.train_loop)
 
     def before_train_epoch(self, runner) -> None:
         self._set_epoch(runner, runner.epoch)

@@ -137,3 +137,39 @@ def test_online_reference_needs_and_checks_num_data(data_root, teacher_ckpt, tmp
     cfg.model.num_data = 11
     with pytest.raises(StoreMismatch, match="12 samples but the distiller's num_data has 11"):
         train(cfg)
+
+
+def test_custom_imports_registers_every_component():
+    """`custom_imports=dict(imports=['bevcache'])` is all a config needs: in a fresh process."""
+    import subprocess
+    import sys
+
+    code = ("from mmengine.config import Config; from mmdet3d.registry import MODELS, DATASETS, HOOKS, METRICS; "
+            f"Config.fromfile({str(CRD_CONFIG)!r}); "
+            "print(all(r.get(n) is not None for r, n in [(MODELS, 'CRDDistiller'), (DATASETS, 'ReplayViewsDataset'), "
+            "(DATASETS, 'TeacherRowsDataset'), (HOOKS, 'DistillationHook'), (HOOKS, 'StudentExportHook'), "
+            "(HOOKS, 'TrainGuardHook'), (METRICS, 'SafeNuScenesMetric')]))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.stdout.strip().splitlines()[-1] == "True", result.stderr[-2000:]
+
+
+def test_the_replay_config_form_binds_the_store_and_refuses_without_views(data_root, teacher_ckpt, fp32_store,
+                                                                         tmp_path):
+    from bevcache.data import set_data_root
+    from bevcache.errors import StoreError
+    from bevcache.extract import ExtractOptions, extract
+    from bevcache.replay import find_replay_dataset
+
+    views = tmp_path / "views.zarr"
+    extract(ExtractOptions(config=str(CONFIGS / "tiny_teacher.py"), checkpoint=teacher_ckpt, out=str(views),
+                           data_root=str(data_root), batch_size=4, num_workers=0, chunk_rows=4, views=2,
+                           progress=False))
+    cfg = Config.fromfile(str(CONFIGS / "tiny_student_crd_replay.py"))
+    set_data_root(cfg, str(data_root))
+    cfg.model.cache = str(views)
+    runner, rec = train(iteration_run(cfg, work_dir=tmp_path / "w", iters=2, batch_size=2, seed=3))
+    replay = find_replay_dataset(runner.train_dataloader.dataset)
+    assert replay.num_views == 2 and len(rec.losses) == 2  # K bound from the store at before_train
+    cfg.model.cache = fp32_store  # a store without views
+    with pytest.raises(StoreError, match="needs a store with augmented views"):
+        Runner.from_cfg(cfg)

@@ -469,10 +469,15 @@ def _retokened(items):
 @pytest.mark.parametrize("change", [_added, lambda items: items[:-1], _reordered, _retokened],
                          ids=["sample-added", "sample-removed", "reordered", "other-token"])
 def test_a_changed_dataset_is_refused_by_train_and_by_resume(change, data_root, store, teacher_ckpt, tmp_path):  # noqa: F811
+    from mmengine.runner import Runner
+
+    from bevcache.train import iteration_run
+
     root = _variant_root(data_root, tmp_path, change)
-    with pytest.raises(StoreMismatch, match="dataset (length|sha256)"):
-        build_train_config(TrainOptions(student=STUDENT, data_root=str(root), cache=store,
-                                        work_dir=str(tmp_path / "w")))
+    with pytest.raises(StoreMismatch, match="not the dataset the store|training set has 1[13] samples"):
+        Runner.from_cfg(iteration_run(build_train_config(TrainOptions(
+            student=STUDENT, data_root=str(root), cache=store, work_dir=str(tmp_path / "w"))),
+            work_dir=tmp_path / "w", iters=1)).train()
     copy = tmp_path / "copy.zarr"
     shutil.copytree(store, copy)
     with pytest.raises(StoreMismatch, match="dataset (length|sha256)"):
@@ -496,13 +501,14 @@ def test_nan_from_one_sample_names_it_and_leaves_the_store_resumable(
 
     real = extract_module.pooled_teacher_features
 
-    def poisoned(model, recorder, data, pooling):
-        out = {k: v.clone() for k, v in real(model, recorder, data, pooling).items()}
+    def poisoned(model, recorder, data, pooling, grids=None):
+        pooled, maps = real(model, recorder, data, pooling, grids)
+        out = {k: v.clone() for k, v in pooled.items()}
         for j, sample in enumerate(data["data_samples"]):
             if sample.metainfo.get("sample_idx") == 5:
                 for value in out.values():
                     value[j] = float("nan")
-        return out
+        return out, maps
 
     monkeypatch.setattr(extract_module, "pooled_teacher_features", poisoned)
     out = tmp_path / "nan.zarr"
@@ -518,7 +524,7 @@ def test_nan_from_one_sample_names_it_and_leaves_the_store_resumable(
 def test_a_layer_that_never_runs_is_named(data_root, store, tmp_path):
     # CenterHead's loss modules exist but are not called when predicting.
     assert_one_line_error(cli("extract", "--config", TEACHER, "--data-root", data_root, "--out", tmp_path / "x.zarr",
-                              "--layers", "pts_neck,pts_bbox_head.loss_cls"),
+                              "--layers", "pts_neck,pts_bbox_head.loss_cls", "--random-init"),
                           "pts_bbox_head.loss_cls", "produced no output")
     assert_one_line_error(cli("train", "--student", STUDENT, "--data-root", data_root, "--cache", store,
                               "--work-dir", tmp_path / "w", "--distill", "layers={'pts_bbox_head.loss_cls': 'pts_neck'}"),
