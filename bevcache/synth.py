@@ -287,6 +287,11 @@ def write_gt_database(out: str | Path, *, progress: bool = False) -> dict:
         creator.create_groundtruth_database("NuScenesDataset", str(out), "nuscenes", "nuscenes_infos_train.pkl")
     with open(out / GT_DBINFOS, "rb") as f:
         infos = pickle.load(f)
+    absent = [c for c in CLASSES if c not in infos]
+    if absent:  # a tiny split may lack a class; mmdet3d's sampler then fails with a KeyError when built
+        infos.update({c: [] for c in absent})
+        with open(out / GT_DBINFOS, "wb") as f:
+            pickle.dump(infos, f)
     return {"dbinfos": str(out / GT_DBINFOS), "objects": sum(len(v) for v in infos.values()),
             "classes": len(infos), "seconds": round(time.perf_counter() - start, 3)}
 
