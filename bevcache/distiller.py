@@ -369,7 +369,7 @@ class CRDDistiller(BaseModel):
         if missing:
             raise LayerError(f"student layer(s) {missing} produced no output in the training forward pass (the model "
                              "never calls them on this path); choose a layer that runs, such as 'pts_neck'.")
-        student_feats = {s: pool_output(self.student_recorder.outputs[s], self.pooling[s], batch) for s in self.layers}
+        student_feats = {s: self._pooled_student(s, batch) for s in self.layers}
         student_maps = {s: self.student_recorder.outputs[s] for s in self.spatial_cfg.get("layers", {})}
         self.student_recorder.outputs.clear()
         device = next(self.student.parameters()).device
@@ -380,6 +380,12 @@ class CRDDistiller(BaseModel):
         if self.spatial_cfg:
             losses.update(self._spatial_losses(student_maps, teacher_maps, data_samples))
         return losses
+
+    def _pooled_student(self, layer: str, batch: int) -> Tensor:
+        try:
+            return pool_output(self.student_recorder.outputs[layer], self.pooling[layer], batch)
+        except LayerError as exc:
+            raise LayerError(f"student layer {layer!r}: {exc}") from None
 
     def student_state_dict(self) -> dict[str, Tensor]:
         """The plain student's weights (with spconv's `_metadata`), loadable by the student config without bevcache."""
