@@ -257,7 +257,8 @@ class CRDDistiller(BaseModel):
         for module in self.teacher.modules():
             if hasattr(module, "is_init"):
                 module.is_init = True
-        self.teacher_recorder = LayerRecorder(self.teacher, set(self.layers.values()), stop_early=True)
+        spatial = dict(self.spatial_cfg.get("layers", {})).values()
+        self.teacher_recorder = LayerRecorder(self.teacher, {*self.layers.values(), *spatial}, stop_early=True)
 
     # -- the training data ------------------------------------------------------------------
 
@@ -304,8 +305,12 @@ class CRDDistiller(BaseModel):
         data = self.teacher.data_preprocessor({"inputs": inputs, "data_samples": data_samples}, False)
         with torch.no_grad():
             self.teacher_recorder.run(self.teacher, **data, mode="predict")
-            pooling = {t: self.pooling[s] for s, t in self.layers.items()}
-            pooled = self.teacher_recorder.pooled(pooling, len(data_samples))
+            outputs, batch = self.teacher_recorder.outputs, len(data_samples)
+            missing = [t for t in self.teacher_recorder.layers if t not in outputs]
+            if missing:
+                raise LayerError(f"teacher layer(s) {missing} produced no output in the forward pass; choose a layer "
+                                 "that runs, such as 'pts_neck'.")
+            pooled = {t: pool_output(outputs[t], self.pooling[s], batch) for s, t in self.layers.items()}
             grid = tuple(self.spatial_cfg.get("grid") or ())
             maps = self.teacher_recorder.spatial({t: grid for t in spatial_layers}, len(data_samples))
             return pooled, maps
