@@ -98,6 +98,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", default=None, help="Data root [default: data/quality-<train>-<val>-s<seed>].")
     p.add_argument("--out", default=None, help="Work dir [default: work_dirs/quality, or work_dirs/quality-quick].")
     p.add_argument("--report-dir", default=None, help="Report dir [default: docs/quality, or <out>/report with --quick].")
+    p.add_argument("--report-only", action="store_true",
+                   help="Train nothing: report the finished runs (each variant with the seeds it has).")
+    p.add_argument("--measured-at", default=None,
+                   help="With --report-only: the commit the runs were taken at, if the report is written at another.")
     p.add_argument("--quick", action="store_true", help="24 train / 8 val, 1 epoch, 1 seed: a smoke test "
                                                         "that writes under work_dirs/quality-quick/ only.")
     args = p.parse_args(argv)
@@ -212,7 +216,7 @@ def rel(path) -> str:
         return str(path)
 
 
-def git_state() -> dict:
+def git_state(measured_at: str | None = None) -> dict:
     """The commit the measurements are taken at, and whether the tree is clean."""
     import subprocess
 
@@ -220,8 +224,13 @@ def git_state() -> dict:
         return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()
 
     dirty = [ln for ln in git("status", "--porcelain", "--untracked-files=no").splitlines() if ln]
-    return {"commit": git("rev-parse", "HEAD"), "short": git("rev-parse", "--short", "HEAD"), "clean": not dirty,
-            "dirty_files": [ln[3:] for ln in dirty]}
+    state = {"commit": git("rev-parse", "HEAD"), "short": git("rev-parse", "--short", "HEAD"), "clean": not dirty,
+             "dirty_files": [ln[3:] for ln in dirty]}
+    if measured_at:
+        state["measured_at"] = git("rev-parse", measured_at)
+        state["short"] = git("rev-parse", "--short", measured_at)
+        state["changed_since"] = git("diff", "--name-only", measured_at, "HEAD").split()
+    return state
 
 
 def signature(**parts) -> str:
@@ -264,6 +273,9 @@ def train_run(args, work_dir: Path, log: Path, sig: str, train_args: list[str], 
     if done:
         print(f"[quality] {what}: done before, reused ({work_dir})", flush=True)
         return done
+    if getattr(args, "report_only", False):
+        print(f"[quality] {what}: not finished, left out (--report-only)", flush=True)
+        return None
     fresh(work_dir)
     print(f"[quality] {what} -> {work_dir} (log {log})", flush=True)
     seconds = bevcache("train", *train_args, "--work-dir", str(work_dir), "--data-root", str(args.data), log_file=log)
@@ -386,8 +398,9 @@ def aggregate(runs: list[dict]) -> dict:
 
 def compare(a: list[dict], b: list[dict], key: str) -> dict:
     """b - a on the final `key`: mean difference, its standard error, and seed-paired wins."""
-    xa = [r["final"][key] for r in a]
-    xb = [r["final"][key] for r in b]
+    common = sorted({r["seed"] for r in a} & {r["seed"] for r in b})  # seeds both variants finished
+    xa = [r["final"][key] for r in a if r["seed"] in common]
+    xb = [r["final"][key] for r in b if r["seed"] in common]
     ma, sa = mean_std(xa)
     mb, sb = mean_std(xb)
     se = math.sqrt((sa**2 / len(xa) if len(xa) > 1 else 0) + (sb**2 / len(xb) if len(xb) > 1 else 0))
@@ -552,11 +565,16 @@ def report(args, order: list[dict], runs: dict, teacher_rec: dict, extract_rec: 
                 if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU {cpu}, {os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}"
     nce_k = min(16384, args.train - 1)
-    state = git_state()
+    state = git_state(args.measured_at)
     md = [
         "# bevcache quality report" + (" (QUICK SMOKE RUN: not a result)" if args.quick else ""),
         "",
-        *([f"**Partial: {seeds_done} of {args.seeds} seeds finished so far.**", ""] if seeds_done < args.seeds else []),
+        *([f"**Partial: {seeds_done} of {args.seeds} seeds finished so far.**", ""]
+          if seeds_done < args.seeds and not args.report_only else []),
+        *([f"**Partial: not every variant finished {args.seeds} seeds** (seeds per variant: "
+           + ", ".join(f"{v['label'].split()[0]} {len(runs[v['name']])}" for v in order)
+           + "); deltas below pair only the seeds both variants finished.", ""]
+          if args.report_only and any(len(runs[v["name"]]) < args.seeds for v in order) else []),
         f"Synthetic nuScenes-format data: {args.train} train / {args.val} val samples (data seed {args.data_seed}). "
         f"Teacher `{TEACHER_CFG}` (pts_neck 512) trained {args.teacher_epochs} epoch(s); student `{STUDENT_CFG}` "
         f"(pts_neck 256) trained {args.epochs} epoch(s) per run with validation after every epoch, "
@@ -564,8 +582,12 @@ def report(args, order: list[dict], runs: dict, teacher_rec: dict, extract_rec: 
         f"CRD: the config's `distill` settings (alpha 1, feat_dim 128, nce_t 0.07, nce_m 0.5), n_data = {args.train}, "
         f"nce_k clamped to {nce_k}. Device: {device}.",
         "",
-        f"Measured at commit `{state['commit']}`" + (" on a clean tree." if state["clean"] else
-                                                      f" **with local changes** to {state['dirty_files']}."),
+        (f"Measured at commit `{state['commit']}`" + (" on a clean tree." if state["clean"] else
+                                                       f" **with local changes** to {state['dirty_files']}."))
+        if not state.get("measured_at") else
+        (f"Runs and stores taken at commit `{state['measured_at']}` (a git worktree pinned there, clean tree); "
+         f"report assembled from their records with `--report-only` at `{state['commit']}`, which differs from it "
+         + (f"in {state['changed_since']}." if state["changed_since"] else "in nothing.")),
         "",
         "| model | seeds | mAP (final) | NDS (final) | train s/epoch | wall clock per run |",
         "|---|---|---|---|---|---|",
@@ -669,7 +691,10 @@ def main(argv=None) -> None:
     for seed in range(args.seeds):
         for v in order:
             record = student(args, v, seed, tsig, stores, ckpt)
-            runs[v["name"]].append({**record, "seed": seed})
+            if record is not None:
+                runs[v["name"]].append({**record, "seed": seed})
+        if args.report_only and seed < args.seeds - 1:
+            continue
         report(args, order, runs, teacher_rec, extract_rec, seeds_done=seed + 1, spatial_recs=spatial_recs)
 
 
