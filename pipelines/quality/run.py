@@ -220,10 +220,11 @@ def git_state(measured_at: str | None = None) -> dict:
     """The commit the measurements are taken at, and whether the tree is clean."""
     import subprocess
 
-    def git(*a):
-        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    def git(*a, strip=True):
+        out = subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout
+        return out.strip() if strip else out
 
-    dirty = [ln for ln in git("status", "--porcelain", "--untracked-files=no").splitlines() if ln]
+    dirty = [ln for ln in git("status", "--porcelain", "--untracked-files=no", strip=False).splitlines() if ln.strip()]
     state = {"commit": git("rev-parse", "HEAD"), "short": git("rev-parse", "--short", "HEAD"), "clean": not dirty,
              "dirty_files": [ln[3:] for ln in dirty]}
     if measured_at:
