@@ -173,3 +173,19 @@ def test_the_replay_config_form_binds_the_store_and_refuses_without_views(data_r
     cfg.model.cache = fp32_store  # a store without views
     with pytest.raises(StoreError, match="needs a store with augmented views"):
         Runner.from_cfg(cfg)
+
+
+def test_online_spatial_only_distillation_records_the_teacher_map(data_root, teacher_ckpt, tmp_path):
+    """No CRD layers, one spatial layer, the teacher live on the (augmented) batch."""
+    from bevcache.runtime import load_config
+
+    teacher = load_config(CONFIGS / "tiny_teacher.py").model.to_dict()
+    cfg = crd_config(data_root, "unused", tmp_path, iters=1)
+    cfg.model.pop("cache")
+    cfg.model.update(teacher=teacher, teacher_checkpoint=teacher_ckpt, num_data=12, augmentation="keep",
+                     spatial=dict(layers=dict(pts_neck="pts_neck"), channels=512, grid=(16, 16)))
+    cfg.model.layers = {}  # (ConfigDict.update would merge into the default layers)
+    runner, rec = train(cfg)
+    assert set(k for k in rec.losses[0] if "spatial" in k or "crd" in k) == {"loss_spatial_pts_neck"}
+    assert rec.losses[0]["loss_spatial_pts_neck"] > 0
+    assert runner.model.spatial_loss["pts_neck"].adapter.weight.shape[:2] == (512, 256)
