@@ -1,0 +1,428 @@
+"""Spatial teacher cache: bytes per sample, extraction rate, training step with maps read by loader workers.
+
+Three parts, each measured side by side in this run:
+
+1. **Store size** of 512-channel `pts_neck` maps at grids 45 and 90: real maps of the trained tiny
+   teacher (bench_fidelity.py trains it; `--quick` and a missing checkpoint fall back to a random
+   one, and say so), run over a 73.6 m x 73.6 m extent at its own 0.4 m pillars so that its neck is
+   92 x 92 (a 90 x 90 neck is impossible: the SECOND backbone needs a multiple of 8 pillars), pooled
+   to 90 and 45 by extraction's own adaptive average pooling;
+   float16, the store's sharded layout and codecs. Projected to nuScenes (28,130 train samples)
+   and Waymo (158,081 train frames) by bytes/sample.
+2. **Extraction rate** with spatial layers against pooled only: `bevcache.extract.extract` of the
+   same teacher over the same samples, pooled only / + `--spatial pts_neck=45` / + `pts_neck=90`,
+   interleaved repetitions in this process, extract's own loop clock (loader + teacher + writes).
+3. **Training step** of the tiny student with cached CRD + spatial maps (configs/tiny_student_crd.py,
+   `spatial=dict(...)`, `augmentation='warp'`, TeacherRowsDataset) against the plain student, both
+   on the teacher's augmented train pipeline with 2 loader workers, through Runner.from_cfg with an
+   IterBasedTrainLoop; the maps come from local disk, and from the S3 test server (moto on
+   127.0.0.1, started by this script, as tests/test_remote_store.py does; it shares the CPU with the
+   run). Each variant runs in its own process, interleaved (rotating order). Two clocks: the
+   *iteration* (after_train_iter to after_train_iter: includes waiting for the loader, which reads
+   and decodes the maps on the same 2 cores) and the *step* (train_step only). Peak RSS of the main
+   process and of the largest loader worker (VmHWM).
+
+    .venv/bin/python benchmarks/bench_spatial.py                 # alone on the machine
+    .venv/bin/python benchmarks/bench_spatial.py --quick         # smoke test
+    .venv/bin/python benchmarks/bench_spatial.py --parts store   # one part (store, train)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from common import (
+    REPO,
+    STUDENT_CFG,
+    TEACHER_CFG,
+    fmt_bytes,
+    fmt_stat,
+    fmt_time,
+    machine,
+    parser,
+    peak_rss_mib,
+    random_teacher_checkpoint,
+    run_child,
+    stats,
+    sync,
+    synth_data,
+    table,
+    warn_if_busy,
+    write_result,
+)
+
+NAME = "spatial"
+LAYER = "pts_neck"
+DATASETS = {"nuScenes (28,130 train samples)": 28130, "Waymo (158,081 train frames)": 158081}
+VARIANTS = ("plain", "local", "s3")
+LABELS = {"plain": "(a) plain student", "local": "(b) CRD + spatial maps, local disk",
+          "s3": "(c) CRD + spatial maps, S3 (moto, 127.0.0.1)", "local90": "(d) CRD + spatial maps at 90, local disk"}
+WIDE_HALF = 36.8  # m: a 73.6 m square at 0.4 m pillars = 184 pillars (SECOND needs a multiple of 8), neck 92 x 92
+
+
+def rel(path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+def teacher_weights(work: Path, quick: bool, epochs: int) -> tuple[Path, str]:
+    """The trained tiny teacher of bench_fidelity.py if it exists (never trained here), else a random one."""
+    trained = Path(work) / "fidelity" / f"teacher-e{epochs}-data-100-16-s0" / f"epoch_{epochs}.pth"
+    if not quick and trained.is_file():
+        return trained, f"trained ({rel(trained)}, bench_fidelity.py)"
+    return random_teacher_checkpoint(work), "random init (run bench_fidelity.py first for a trained teacher)"
+
+
+def wide_teacher_config(work: Path) -> Path:
+    """configs/tiny_teacher.py over a 73.6 m square at the same 0.4 m pillars: pts_neck is 92 x 92."""
+    from bevcache.runtime import load_config
+
+    cfg = load_config(TEACHER_CFG)
+    h = WIDE_HALF
+    pcr = [-h, -h, -5.0, h, h, 3.0]
+    pillars = int(round(2 * h / 0.4))
+    m = cfg.model
+    m.data_preprocessor.voxel_layer.point_cloud_range = pcr
+    m.data_preprocessor.voxel_layer.max_voxels = (60000, 60000)
+    m.pts_voxel_encoder.point_cloud_range = pcr
+    m.pts_middle_encoder.output_shape = [pillars, pillars]
+    m.train_cfg.pts.grid_size = [pillars, pillars, 1]
+    m.train_cfg.pts.point_cloud_range = pcr
+    for key in ("test_pipeline", "train_pipeline", "augmented_train_pipeline"):
+        for step in cfg[key]:
+            if "point_cloud_range" in step:
+                step["point_cloud_range"] = pcr
+    cfg.test_dataloader.dataset.pipeline = cfg.test_pipeline
+    cfg.val_dataloader.dataset.pipeline = cfg.test_pipeline
+    cfg.point_cloud_range = pcr
+    path = Path(work) / "spatial" / "tiny_teacher_wide.py"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cfg.dump(str(path))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Part 1 + 2: store size and extraction rate
+
+
+def part_store(args, work: Path, mach: dict) -> dict:
+    from bevcache.extract import ExtractOptions, extract
+
+    data = synth_data(work, args.extract_samples, 2)
+    ckpt, weights = teacher_weights(Path(args.work), args.quick, args.teacher_epochs)
+    config = wide_teacher_config(work)
+    variants = {"pooled": None, **{f"spatial{g}": f"{LAYER}={g}" for g in args.grids}}
+
+    def run(name: str) -> dict:
+        return extract(ExtractOptions(config=str(config), checkpoint=str(ckpt), out=str(work / "spatial" / f"extract-{name}.zarr"),
+                                      data_root=str(data), spatial=variants[name], num_workers=args.extract_workers,
+                                      batch_size=args.extract_batch, overwrite=True, progress=False))
+
+    names = list(variants)
+    run(names[0])  # warm-up: imports, model build, page cache
+    seconds: dict[str, list[float]] = {n: [] for n in names}
+    infos: dict[str, dict] = {}
+    for rep in range(args.extract_reps):
+        for name in names if rep % 2 == 0 else reversed(names):  # alternate the order against drift
+            info = run(name)
+            seconds[name].append(info["seconds"])
+            infos[name] = info
+            print(f"[bench] extract rep {rep + 1}/{args.extract_reps} {name}: {info['seconds']:.2f} s, "
+                  f"{info['bytes_on_disk']} B", flush=True)
+    n = args.extract_samples
+    base = stats(seconds["pooled"])["median"]
+    sizes = {}
+    for g in args.grids:
+        sp = infos[f"spatial{g}"]["spatial"][LAYER]
+        per = sp["bytes_on_disk"] / n
+        sizes[str(g)] = {"channels": sp["channels"], "grid": [sp["height"], sp["width"]], "bytes_on_disk": sp["bytes_on_disk"],
+                         "bytes_raw": sp["bytes_raw"], "bytes_per_sample": per, "raw_per_sample": sp["bytes_raw"] / n,
+                         "compression": sp["bytes_raw"] / sp["bytes_on_disk"],
+                         "store_bytes_per_sample": infos[f"spatial{g}"]["bytes_on_disk"] / n,
+                         "projected_bytes": {k: per * v for k, v in DATASETS.items()}}
+    extraction = {name: {"seconds": stats(seconds[name]), "samples_per_s": n / stats(seconds[name])["median"],
+                         "time_ratio_vs_pooled": stats(seconds[name])["median"] / base,
+                         "bytes_on_disk": infos[name]["bytes_on_disk"]} for name in names}
+
+    dev = mach["cuda"]["device"] if mach["cuda"] else f"CPU {mach['cpu_model']}"
+    print(f"\n### Spatial store size, 512-channel pts_neck float16, real maps of the tiny teacher ({weights}) "
+          f"over a 73.6 m square (neck 92 x 92), {n} synthetic samples\n")
+    rows = []
+    for g in args.grids:
+        s = sizes[str(g)]
+        rows.append([f"{g} x {g}", fmt_bytes(s["raw_per_sample"]), fmt_bytes(s["bytes_per_sample"]), f"{s['compression']:.2f}",
+                     *[fmt_bytes(v) for v in s["projected_bytes"].values()]])
+    print(table(["grid", "raw / sample", "on disk / sample", "compression", *[f"projected: {k}" for k in DATASETS]], rows))
+    print(f"\n### Extraction with spatial layers vs pooled only, same teacher (73.6 m, neck 92 x 92), {n} samples, "
+          f"batch {args.extract_batch}, {args.extract_workers} loader worker(s), {args.extract_reps} reps, {dev}\n")
+    rows = [[name, fmt_time(extraction[name]["seconds"]["median"]), fmt_time(extraction[name]["seconds"]["iqr"]),
+             f"{extraction[name]['samples_per_s']:.2f}", f"{extraction[name]['time_ratio_vs_pooled']:.3f}",
+             fmt_bytes(extraction[name]["bytes_on_disk"] / n)] for name in names]
+    print(table(["variant", "loop time median", "IQR", "samples/s", "time vs pooled", "store B/sample"], rows))
+    return {"samples": n, "teacher": weights, "teacher_config": rel(config), "sizes": sizes, "extraction": extraction,
+            "runs": {k: v for k, v in seconds.items()}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Part 3: training step (children)
+
+
+def _worker_peaks_kib() -> list[int]:
+    """VmHWM (peak RSS) of this process's live children: the loader workers."""
+    peaks = []
+    for children in Path(f"/proc/{os.getpid()}/task").glob("*/children"):
+        for pid in children.read_text().split():
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        peaks.append(int(line.split()[1]))
+            except OSError:
+                pass
+    return peaks
+
+
+def child(args) -> None:
+    t_start = time.perf_counter()
+    import torch
+    from mmengine.config import Config
+    from mmengine.hooks import Hook
+    from mmengine.runner import Runner
+
+    from bevcache.data import set_data_root
+    from bevcache.train import iteration_run
+
+    spatial = args.child != "plain"
+    cfg = Config.fromfile(str(REPO / "configs" / ("tiny_student_crd.py" if spatial else STUDENT_CFG.name)))
+    set_data_root(cfg, args.data_root)
+    cfg.train_dataloader.dataset.pipeline = [dict(s) for s in cfg.augmented_train_pipeline]
+    if spatial:
+        cfg.model.update(cache=args.store, augmentation="warp", spatial=dict(layers={LAYER: LAYER}))
+    cfg = iteration_run(cfg, work_dir=Path(args.work) / "spatial" / "runs" / args.child, iters=args.warmup + args.iters,
+                        batch_size=args.batch_size, workers=args.workers, seed=args.seed)
+    cfg.default_hooks.logger = dict(type="LoggerHook", interval=10)
+    cfg.log_processor = dict(type="LogProcessor", window_size=10, by_epoch=False)
+    if spatial:
+        cfg.train_dataloader.dataset = dict(type="TeacherRowsDataset", dataset=cfg.train_dataloader.dataset,
+                                            cache=args.store, spatial=[LAYER])
+
+    class Clock:
+        def __init__(self):
+            self.t0 = self.last = self.first = None
+            self.steps, self.iterations, self.worker_kib = [], [], 0
+
+        def before_train_iter(self, runner, batch_idx, data_batch=None):
+            sync()
+            self.t0 = time.perf_counter()
+            if self.first is None:
+                self.first = self.t0
+
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+            sync()
+            now = time.perf_counter()
+            self.steps.append(now - self.t0)
+            if self.last is not None:
+                self.iterations.append(now - self.last)
+            self.last = now
+            if runner.iter % 5 == 0:
+                self.worker_kib = max([self.worker_kib, *_worker_peaks_kib()])
+
+    class StepStart(Hook):  # before_train_iter last, after_train_iter first: the clock hugs train_step
+        def __init__(self, clock):
+            self.clock = clock
+
+        def before_train_iter(self, runner, batch_idx, data_batch=None):
+            self.clock.before_train_iter(runner, batch_idx, data_batch)
+
+    clock = Clock()
+    runner = Runner.from_cfg(cfg)
+    runner.register_hook(StepStart(clock), priority="LOWEST")
+
+    class StepEnd(Hook):
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+            clock.after_train_iter(runner, batch_idx, data_batch, outputs)
+
+    runner.register_hook(StepEnd(), priority="HIGHEST")
+    runner.train()
+    worker_kib = max([clock.worker_kib, *_worker_peaks_kib()])
+    result = {
+        "variant": args.child,
+        "step_seconds": clock.steps[args.warmup:],
+        "iteration_seconds": clock.iterations[args.warmup:],  # iteration i ends at after_train_iter i
+        "setup_seconds": (clock.first or time.perf_counter()) - t_start,
+        "peak_rss_mib": peak_rss_mib(),
+        "worker_peak_rss_mib": worker_kib / 1024,
+        "torch_threads": torch.get_num_threads(),
+    }
+    Path(args.child_out).write_text(json.dumps(result))
+
+
+class S3Server:
+    """moto's S3 server on a free 127.0.0.1 port with the AWS_* environment pointing at it."""
+
+    def __enter__(self):
+        import logging
+
+        import moto.server
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.server = moto.server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        self.server.start()
+        self.env = {"AWS_ACCESS_KEY_ID": "bench-key", "AWS_SECRET_ACCESS_KEY": "bench-secret",
+                    "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+        os.environ.update(self.env)
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket="bench")
+        return self
+
+    def upload(self, local: Path, name: str) -> str:
+        import s3fs
+
+        fs = s3fs.S3FileSystem()
+        fs.put(str(local), f"bench/{name}", recursive=True)
+        return f"s3://bench/{name}"
+
+    def __exit__(self, *exc):
+        self.server.stop()
+        for key in self.env:
+            os.environ.pop(key, None)
+
+
+def part_train(args, work: Path, mach: dict) -> dict:
+    from bevcache.extract import ExtractOptions, extract
+    from bevcache.store import open_store, store_exists
+
+    data = synth_data(work, args.train_samples, max(2, args.train_samples // 8))
+    ckpt, weights = teacher_weights(Path(args.work), args.quick, args.teacher_epochs)
+    stores = {}
+    for g in sorted({args.train_grid, 90} if "local90" in args.variants else {args.train_grid}):
+        out = work / "spatial" / f"train-store-{data.name}-g{g}-{'trained' if 'trained' in weights else 'random'}.zarr"
+        if not (store_exists(str(out)) and open_store(str(out)).complete_mask().all()):
+            print(f"[bench] extracting the training store pts_neck={g} -> {out}", flush=True)
+            extract(ExtractOptions(config=str(TEACHER_CFG), checkpoint=str(ckpt), out=str(out), data_root=str(data),
+                                   spatial=f"{LAYER}={g}", num_workers=0, overwrite=True, progress=False))
+        stores[g] = out
+    runs: dict[str, list[dict]] = {v: [] for v in args.variants}
+    common = ["--work", str(work), "--data-root", str(data), "--batch-size", str(args.batch_size), "--workers",
+              str(args.workers), "--warmup", str(args.warmup), "--iters", str(args.iters), "--seed", str(args.seed)]
+    with S3Server() as s3:
+        url = s3.upload(stores[args.train_grid], f"train-g{args.train_grid}.zarr") if "s3" in args.variants else None
+        where = {"plain": stores[args.train_grid], "local": stores[args.train_grid], "s3": url, "local90": stores.get(90)}
+        for rep in range(args.reps):
+            order = args.variants[rep % len(args.variants):] + args.variants[:rep % len(args.variants)]
+            for variant in order:
+                out = work / "spatial" / "runs" / f"{variant}-rep{rep}.json"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                t0 = time.perf_counter()
+                run_child([__file__, "--child", variant, "--child-out", str(out), "--store", str(where[variant]), *common],
+                          env=s3.env)
+                runs[variant].append(json.loads(out.read_text()))
+                r = runs[variant][-1]
+                print(f"[bench] rep {rep + 1}/{args.reps} {variant:<7}: median iteration "
+                      f"{statistics.median(r['iteration_seconds']):.3f} s, step {statistics.median(r['step_seconds']):.3f} s "
+                      f"({time.perf_counter() - t0:.0f} s run)", flush=True)
+    summary = {}
+    for v in args.variants:
+        summary[v] = {
+            "iteration": stats([t for r in runs[v] for t in r["iteration_seconds"]]),
+            "step": stats([t for r in runs[v] for t in r["step_seconds"]]),
+            "per_rep_iteration": [statistics.median(r["iteration_seconds"]) for r in runs[v]],
+            "per_rep_step": [statistics.median(r["step_seconds"]) for r in runs[v]],
+            "peak_rss_mib": max(r["peak_rss_mib"] for r in runs[v]),
+            "worker_peak_rss_mib": max(r["worker_peak_rss_mib"] for r in runs[v]),
+            "setup": stats([r["setup_seconds"] for r in runs[v]]),
+        }
+
+    def ratio(a: str, clock: str) -> dict:
+        per = [x / y for x, y in zip(summary[a][f"per_rep_{clock}"], summary["plain"][f"per_rep_{clock}"], strict=True)]
+        return {"of_medians": summary[a][clock]["median"] / summary["plain"][clock]["median"], "per_rep": per,
+                "min": min(per), "max": max(per)}
+
+    ratios = {f"{v}/plain": {c: ratio(v, c) for c in ("iteration", "step")} for v in args.variants if v != "plain"}
+    dev = mach["cuda"]["device"] if mach["cuda"] else f"CPU {mach['cpu_model']} ({mach['torch_threads']} threads)"
+    print(f"\n### Training step with spatial maps read by {args.workers} loader workers vs the plain student, tiny student, "
+          f"batch {args.batch_size}, {args.train_samples} samples, maps 512 x {args.train_grid} x {args.train_grid} float16, "
+          f"{args.reps} x {args.iters} timed iterations after {args.warmup} warm-up, on {dev}\n")
+    rows = []
+    for v in args.variants:
+        s = summary[v]
+        rel_it = f"{s['iteration']['median'] / summary['plain']['iteration']['median']:.3f}"
+        rel_st = f"{s['step']['median'] / summary['plain']['step']['median']:.3f}"
+        rows.append([LABELS[v], fmt_stat(s["iteration"]), rel_it, fmt_stat(s["step"]), rel_st, f"{s['peak_rss_mib']:.0f}",
+                     f"{s['worker_peak_rss_mib']:.0f}"])
+    print(table(["variant", "iteration median (IQR)", "vs plain", "train_step median (IQR)", "vs plain",
+                 "peak RSS MiB (main)", "peak RSS MiB (worker)"], rows))
+    print()
+    for key, r in ratios.items():
+        it = r["iteration"]
+        print(f"- {key}: iteration {it['of_medians']:.3f} (per repetition {it['min']:.3f}..{it['max']:.3f}), "
+              f"train_step {r['step']['of_medians']:.3f} (target <= 1.05: "
+              + ("met" if it["of_medians"] <= 1.05 else "NOT met") + ", by the iteration clock)")
+    print(f"- distilled variants: cached CRD (pts_neck) + spatial MSE with the warp; teacher {weights}; the S3 server "
+          "runs in the benchmark's process on the same CPU.")
+    return {"train_samples": args.train_samples, "grid": args.train_grid, "teacher": weights, "variants": summary,
+            "ratios": ratios, "runs": runs}
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--parts", default="store,train", help="Comma-separated: store (size + extraction), train.")
+    p.add_argument("--teacher-epochs", type=int, default=6, help="(bench_fidelity.py's trained teacher, if present)")
+    p.add_argument("--grids", default="45,90")
+    p.add_argument("--extract-samples", type=int, default=48)
+    p.add_argument("--extract-batch", type=int, default=4)
+    p.add_argument("--extract-workers", type=int, default=1)
+    p.add_argument("--extract-reps", type=int, default=2)
+    p.add_argument("--train-samples", type=int, default=96)
+    p.add_argument("--train-grid", type=int, default=45)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--workers", type=int, default=2, help="Loader workers (both variants).")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, default=25)
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"Of {list(LABELS)}; plain is always run.")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--child", choices=list(LABELS), help="(internal) run one variant and write --child-out")
+    p.add_argument("--child-out")
+    p.add_argument("--data-root")
+    p.add_argument("--store")
+    args = p.parse_args()
+    if args.child:
+        return child(args)
+    if args.quick:
+        args.extract_samples, args.extract_reps, args.train_samples = 6, 1, 8
+        args.warmup, args.iters, args.reps, args.batch_size = 1, 3, 1, 2
+    args.grids = [int(g) for g in str(args.grids).split(",")]
+    args.variants = ["plain"] + [v for v in args.variants.split(",") if v and v != "plain"]
+    unknown = set(args.variants) - set(LABELS)
+    if unknown:
+        sys.exit(f"unknown variants {sorted(unknown)}; known: {list(LABELS)}")
+    parts = [x for x in args.parts.split(",") if x]
+    warn_if_busy()
+    mach = machine()
+    work = Path(args.work) / ("quick" if args.quick else "")
+    result = {}
+    if "store" in parts:
+        result["store"] = part_store(args, work, mach)
+    if "train" in parts:
+        result["train"] = part_train(args, work, mach)
+    args.work = rel(args.work)
+    path = write_result(NAME, args, result, mach)
+    if str(REPO) in path.read_text():
+        sys.exit(f"{path} holds the machine path {REPO}: fix the benchmark before committing it")
+
+
+if __name__ == "__main__":
+    main()

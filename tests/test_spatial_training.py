@@ -1,0 +1,180 @@
+"""Spatial distillation through plain `Runner.from_cfg` (configs/tiny_student_crd.py with
+`spatial=dict(...)`, `augmentation='warp'`, the teacher's augmented train pipeline and
+TeacherRowsDataset): the spatial losses are logged; under 2 loader workers each sample's cached
+map is warped by that sample's own augmentation; transforms a warp cannot express are refused
+unless `spatial.ignore_non_warpable=True`; a missing TeacherRowsDataset is refused with the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mmcv.transforms import BaseTransform
+from mmengine.config import Config
+from mmengine.hooks import Hook
+from mmengine.runner import Runner
+
+from bevcache.errors import ConfigError
+from bevcache.store import open_store
+from bevcache.train import iteration_run
+from bevcache.warp import bev_transform, warp_bev
+
+from .conftest import CONFIGS
+from .test_loading import make_spatial_store
+from .test_pipeline import object_sample
+
+
+@pytest.fixture(scope="module")
+def spatial_store(data_root, teacher_ckpt, tmp_path_factory) -> str:
+    return make_spatial_store(data_root, teacher_ckpt, tmp_path_factory.getbasetemp())
+
+
+class BevcacheTestRandomNudge(BaseTransform):
+    """A random transform bevcache has never heard of: shifts every point along x by U(-0.2, 0.2) m."""
+
+    def transform(self, results: dict) -> dict:
+        results["points"].translate([float(np.random.uniform(-0.2, 0.2)), 0.0, 0.0])
+        return results
+
+
+def _register() -> None:
+    from mmdet3d.registry import TRANSFORMS
+
+    TRANSFORMS.register_module(name="BevcacheTestRandomNudge", module=BevcacheTestRandomNudge, force=True)
+
+
+def spatial_config(data_root: Path, store: str, work_dir: Path, *, iters: int = 2, workers: int = 0,
+                   rows_wrapper: bool = True, extra_steps: tuple = (), **spatial) -> Config:
+    """configs/tiny_student_crd.py distilling pts_neck maps with augmentation='warp' on the teacher's
+    augmented train pipeline (plus `extra_steps` after its annotations), as a short run."""
+    from bevcache.data import set_data_root
+
+    cfg = Config.fromfile(str(CONFIGS / "tiny_student_crd.py"))
+    set_data_root(cfg, str(data_root))
+    pipeline = [dict(step) for step in cfg.augmented_train_pipeline]
+    cfg.train_dataloader.dataset.pipeline = pipeline[:2] + list(extra_steps) + pipeline[2:]
+    cfg.model.update(cache=store, augmentation="warp", spatial=dict(layers=dict(pts_neck="pts_neck"), **spatial))
+    cfg = iteration_run(cfg, work_dir=work_dir, iters=iters, batch_size=2, workers=workers, seed=11)
+    if rows_wrapper:
+        cfg.train_dataloader.dataset = dict(type="TeacherRowsDataset", dataset=cfg.train_dataloader.dataset,
+                                            cache=store, spatial=["pts_neck"])
+    return cfg
+
+
+class Losses(Hook):
+    def __init__(self):
+        self.losses = []
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        self.losses.append({k: float(v) for k, v in outputs.items()})
+
+
+class WarpWitness(Hook):
+    """Records, per step, the samples the distiller got and the teacher maps its spatial loss was
+    given (after the warp), through torch forward pre-hooks: nothing in bevcache is patched."""
+
+    def __init__(self):
+        self.steps: list[dict] = []
+
+    def before_train(self, runner) -> None:
+        model = runner.model
+
+        def samples_in(module, args, kwargs):
+            if kwargs.get("mode") == "loss":
+                self.steps.append({"samples": kwargs["data_samples"]})
+
+        def loss_in(module, args):
+            student, teacher, valid, fg = args
+            self.steps[-1].update(teacher=teacher.detach().clone(), valid=valid.detach().clone())
+
+        model.register_forward_pre_hook(samples_in, with_kwargs=True)
+        model.spatial_loss["pts_neck"].register_forward_pre_hook(loss_in)
+
+
+def train(cfg: Config, *hooks: Hook) -> tuple[Runner, Losses]:
+    runner = Runner.from_cfg(cfg)
+    rec = Losses()
+    for hook in (rec, *hooks):
+        runner.register_hook(hook)
+    runner.train()
+    return runner, rec
+
+
+def _log(runner: Runner) -> str:
+    return (Path(runner.log_dir) / f"{Path(runner.log_dir).name}.log").read_text()
+
+
+def _base(dataset):
+    while hasattr(dataset, "dataset"):
+        dataset = dataset.dataset
+    return dataset
+
+
+def test_two_workers_warp_each_samples_own_map_by_its_own_augmentation(data_root, spatial_store, tmp_path):
+    witness = WarpWitness()
+    runner, rec = train(spatial_config(data_root, spatial_store, tmp_path, workers=2, contrastive=True), witness)
+    assert len(rec.losses) == 2
+    for losses in rec.losses:
+        assert losses["loss_spatial_pts_neck"] > 0 and "loss_spatial_nce_pts_neck" in losses
+        assert "loss_crd_pts_neck" in losses
+    log = _log(runner)
+    assert "loss_spatial_pts_neck" in log and "loss_spatial_nce_pts_neck" in log
+    assert "cached BEV maps are warped into each sample's augmented frame" in log
+
+    store, base = open_store(spatial_store), _base(runner.train_dataloader.dataset)
+    bev_range = runner.model.spatial_cfg["bev_range"]
+    transforms = []
+    assert len(witness.steps) == 2  # one batch from each loader worker
+    for step in witness.steps:
+        assert step["teacher"].shape == (2, 512, 16, 16)
+        for k, sample in enumerate(step["samples"]):
+            row, meta = int(sample.metainfo["sample_idx"]), sample.metainfo
+            a = bev_transform(meta)  # this sample's own augmentation, from its own metainfo
+            transforms.append(a)
+            # (1) it is the augmentation its points and boxes went through: the original box centres
+            # map onto the augmented ones (ObjectRangeFilter may have dropped some of them)
+            original = base.get_data_info(row)["ann_info"]["gt_bboxes_3d"].tensor[:, :2].double().numpy()
+            moved = (a[:2, :2] @ original.T + a[:2, 2:]).T  # [n, 2]
+            augmented = sample.gt_instances_3d.bboxes_3d.tensor[:, :2].double().numpy()
+            assert len(augmented) and np.abs(augmented[:, None] - moved[None]).max(-1).min(1).max() < 1e-3
+            # (2) the map the distiller used is the cache of this row warped by exactly that transform
+            cached = torch.from_numpy(store.read_spatial("pts_neck", [row])).float()  # [1, C, h, w]
+            expected, valid = warp_bev(cached, torch.as_tensor(a[None], dtype=torch.float32), bev_range)
+            torch.testing.assert_close(step["teacher"][k:k + 1], expected, rtol=0, atol=1e-6)
+            torch.testing.assert_close(step["valid"][k:k + 1], valid, rtol=0, atol=0)
+    assert any(not np.allclose(a, np.eye(3)) for a in transforms)  # augmentation did happen
+    assert len({tuple(np.round(a, 6).ravel()) for a in transforms}) == len(transforms)  # each sample its own
+
+
+UNKNOWN = dict(type="BevcacheTestRandomNudge")
+
+
+@pytest.mark.parametrize("kind", ["ObjectSample", "unknown"])
+def test_a_transform_the_warp_cannot_express_is_refused(kind, data_root, spatial_store, tmp_path):
+    _register()
+    step = object_sample(data_root, Config.fromfile(str(CONFIGS / "tiny_student_crd.py")).class_names) \
+        if kind == "ObjectSample" else UNKNOWN
+    runner = Runner.from_cfg(spatial_config(data_root, spatial_store, tmp_path, extra_steps=(step,)))
+    words = (r"ObjectSample \(pastes database objects" if kind == "ObjectSample"
+             else r"BevcacheTestRandomNudge \(a random transform bevcache does not know how to warp\)")
+    with pytest.raises(ConfigError, match=r"augmentation='warp' cannot express.*" + words + r".*ignore_non_warpable=True"):
+        runner.train()
+
+
+def test_ignore_non_warpable_trains_with_a_warning(data_root, spatial_store, tmp_path):
+    _register()
+    runner, rec = train(spatial_config(data_root, spatial_store, tmp_path, iters=1, extra_steps=(UNKNOWN,),
+                                       ignore_non_warpable=True))
+    assert rec.losses[0]["loss_spatial_pts_neck"] > 0
+    assert "loss_spatial_nce_pts_neck" not in rec.losses[0]  # contrastive=False by default
+    assert "warping cached maps although ['BevcacheTestRandomNudge']" in _log(runner)
+
+
+def test_without_teacher_rows_dataset_is_refused_with_how_to(data_root, spatial_store, tmp_path):
+    runner = Runner.from_cfg(spatial_config(data_root, spatial_store, tmp_path, rows_wrapper=False))
+    with pytest.raises(ConfigError, match=r"no TeacherRowsDataset to read them in the loader workers: wrap the train "
+                                          r"dataset: train_dataloader.dataset=dict\(type='TeacherRowsDataset'.*"
+                                          r"spatial=\['pts_neck'\]"):
+        runner.train()
