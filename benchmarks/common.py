@@ -218,9 +218,14 @@ def write_result(name: str, args: argparse.Namespace, result: dict, machine_reco
     machine_record = dict(machine_record, loadavg_at_end=list(os.getloadavg()))
     payload = {"benchmark": name, "quick": bool(args.quick), "args": vars(args), "machine": machine_record, **result}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    path.write_text(repo_relative(json.dumps(payload, indent=2, default=str)) + "\n")
     print(f"\nresults: {path}", flush=True)
     return path
+
+
+def repo_relative(text: str) -> str:
+    """Committed results name paths relative to the repository, never the machine's absolute ones."""
+    return text.replace(str(REPO) + "/", "").replace(str(REPO), ".")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -63,8 +63,12 @@ def main() -> None:
         print(f"=== bench_{name}.py done in {seconds:.0f} s", flush=True)
     out = (REPO / "work_dirs" / "bench" / "quick" if args.quick else HERE / "results") / "summary.md"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("# bevcache benchmarks" + (" (quick smoke run: not measurements)" if args.quick else "")
-                   + "\n\n" + "\n".join(sections))
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    text = ("# bevcache benchmarks" + (" (quick smoke run: not measurements)" if args.quick else "")
+            + f"\n\nWritten by `benchmarks/run_all.py` at commit {commit} (tree "
+            + ("with uncommitted changes" if dirty else "clean") + "); each JSON in this folder records its own commit."
+            + "\n\n" + "\n".join(sections))
+    out.write_text(text.replace(str(REPO) + "/", "").replace(str(REPO), "."))  # repo-relative paths only
     print(f"\nsummary: {out}")
     if failed:
         sys.exit(f"failed: {failed}")
