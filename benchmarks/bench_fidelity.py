@@ -199,6 +199,18 @@ def cell_cosine(a, b):
     return F.cosine_similarity(a, b, dim=1, eps=1e-12)
 
 
+def neck_branches(cfg) -> list[tuple[int, int, int]]:
+    """(first channel, end channel, upsample stride) of each SECONDFPN branch in the neck's output."""
+    neck = cfg.model.pts_neck
+    if neck.get("type") != "SECONDFPN":
+        return []
+    out, strides, start = [], list(neck.upsample_strides), 0
+    for channels, stride in zip(neck.out_channels, strides, strict=True):
+        out.append((start, start + int(channels), int(stride)))
+        start += int(channels)
+    return out
+
+
 def measure(args, cfg, data: Path, ckpt: Path, stores: dict[int, Path], rows: list[int]) -> dict:
     """{transform: {grid: {metric: [per-sample values]}}}; also the example figure's maps."""
     import torch
@@ -212,6 +224,7 @@ def measure(args, cfg, data: Path, ckpt: Path, stores: dict[int, Path], rows: li
 
     pcr = cfg.point_cloud_range
     bev_range = (pcr[0], pcr[1], pcr[3], pcr[4])
+    branches = neck_branches(cfg)
     model = build_teacher(cfg, str(ckpt), "cpu")
     recorder = LayerRecorder(model, [LAYER], stop_early=True)
     opened = {g: open_store(str(p)) for g, p in stores.items()}
@@ -222,7 +235,9 @@ def measure(args, cfg, data: Path, ckpt: Path, stores: dict[int, Path], rows: li
         t0 = time.perf_counter()
         dataset = build_base_dataset(cfg, "train", pipeline=pipeline_for(cfg, steps))
         sources = [_Views(dataset, v) for v in range(1, args.views + 1)] if steps == "full" else [dataset]
-        per = {g: {k: [] for k in (*METRICS, "valid_frac", "fg_cells")} for g in stores}
+        per = {g: {k: [] for k in (*METRICS, "valid_frac", "fg_cells",
+                                   *[f"{w}_all_x{st}" for w in ("cos", "base") for _, _, st in branches])}
+               for g in stores}
         for source in sources:
             for indices, data_batch in teacher_batches(model, source, batches, num_workers=0):
                 with torch.inference_mode():
@@ -243,8 +258,12 @@ def measure(args, cfg, data: Path, ckpt: Path, stores: dict[int, Path], rows: li
                     mu = ((live * valid[:, None]).sum((2, 3)) / valid.sum((1, 2)).clamp_min(1)[:, None])[..., None, None]
                     cosines = {"cos": cell_cosine(warped, live), "base": cell_cosine(cached, live),
                                "cos_c": cell_cosine(warped - mu, live - mu), "base_c": cell_cosine(cached - mu, live - mu)}
+                    by_branch = {f"{w}_all_x{st}": cell_cosine(m[:, lo:hi], live[:, lo:hi])
+                                 for lo, hi, st in branches for w, m in (("cos", warped), ("base", cached))}
                     for b in range(len(samples)):
                         v, f = valid[b], fg_mask[b]
+                        for key, cos in by_branch.items():
+                            per[g][key].append(float(cos[b][v].mean()))
                         per[g]["valid_frac"].append(float(v.float().mean()))
                         per[g]["fg_cells"].append(int(f.sum()))
                         for key, cos in cosines.items():
@@ -348,7 +367,8 @@ def figures(summary: dict, example: dict | None, grids: list[int], primary: int,
 EXAMPLE_TITLE = "rotation +22.5 deg"
 
 
-def fidelity_md(result: dict, rows_by_grid: dict[int, str], centred: str, primary: int, figures_written: list[str]) -> str:
+def fidelity_md(result: dict, rows_by_grid: dict[int, str], centred: str, branches: str, primary: int,
+                figures_written: list[str]) -> str:
     git = result["machine"]["git"]
     t = result["teacher"]
     val = t.get("val") or {}
@@ -394,8 +414,23 @@ def fidelity_md(result: dict, rows_by_grid: dict[int, str], centred: str, primar
     for g, text in rows_by_grid.items():
         if g != primary:
             lines += [f"## Grid {g} × {g}", "", text, ""]
+    if branches:
+        lines += ["## By neck branch", "",
+                  "Warped vs live, all valid cells, per SECONDFPN branch of `pts_neck` (channels 0–127 come from the "
+                  "stride-2 block through a 1 × 1 convolution, 128–255 through a ×2 deconvolution, 256–511 through a ×4 "
+                  "deconvolution); each cell: mean over samples, branches ×1 / ×2 / ×4.", "", branches, ""]
     lines += ["## Figures", ""] + [f"![{Path(f).stem}]({Path(f).name})" for f in figures_written] + [""]
     return "\n".join(lines)
+
+
+def branch_table(summary: dict, grids: list[int], strides: list[int]) -> str:
+    """Warped vs live over all valid cells, by neck branch (its deconvolution's upsample stride)."""
+    rows = []
+    for name, by_grid in summary.items():
+        cells = [" / ".join(f"{by_grid[str(g)][f'cos_all_x{st}']['mean']:.2f}" for st in strides) for g in grids]
+        rows.append([name, *cells])
+    head = " / ".join(f"x{st}" for st in strides)
+    return table(["transform", *[f"grid {g}: {head}" for g in grids]], rows)
 
 
 def grid_table(summary: dict, g: int, centred: bool = False) -> str:
@@ -463,10 +498,14 @@ def main() -> None:
               "per_sample": {name: {str(g): v for g, v in per.items()} for name, per in measured["per_sample"].items()}}
     by_grid = {g: grid_table(summary, g) for g in [args.primary_grid] + [g for g in grids if g != args.primary_grid]}
     centred = grid_table(summary, args.primary_grid, centred=True)
+    strides = [st for _, _, st in neck_branches(cfg)]
+    branches = branch_table(summary, grids, strides) if strides else ""
     print(f"\n### Fidelity of warped cached maps, trained tiny teacher pts_neck, {len(rows)} samples, grid "
           f"{args.primary_grid} (cosine to the live teacher on the augmented input, mean ± std over samples)\n")
     print(by_grid[args.primary_grid])
     print(f"\ncentred (minus the live map's mean feature), grid {args.primary_grid}:\n\n{centred}")
+    if branches:
+        print(f"\nwarped, all cells, by neck branch (upsample stride):\n\n{branches}")
     for g in grids:
         if g != args.primary_grid:
             print(f"\ngrid {g}:\n\n{by_grid[g]}")
@@ -474,7 +513,7 @@ def main() -> None:
     result["machine"] = mach
     written = figures(summary, measured["example"], grids, args.primary_grid, docs)
     result["figures"] = written
-    (docs / "fidelity.md").write_text(fidelity_md(result, by_grid, centred, args.primary_grid, written))
+    (docs / "fidelity.md").write_text(fidelity_md(result, by_grid, centred, branches, args.primary_grid, written))
     print(f"\ndocs: {rel(docs / 'fidelity.md')} and {written}")
     result.pop("machine")
     args.work, args.docs = rel(args.work), rel(args.docs)
