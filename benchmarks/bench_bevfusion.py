@@ -29,6 +29,7 @@ from pathlib import Path
 
 from common import (
     CONFIGS,
+    REPO,
     cuda_peak_mib,
     fmt_stat,
     fmt_time,
@@ -268,7 +269,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     data = bev_data(work.parent, args.train_samples, 2)
     ckpt = teacher_checkpoint(work, args.voxels)
-    result: dict = {"voxels_per_side": args.voxels, "bev": args.voxels // 8, "checkout": os.environ["MMDET3D_ROOT"],
+    result: dict = {"voxels_per_side": args.voxels, "bev": args.voxels // 8,
+                    "checkout": os.path.relpath(os.environ["MMDET3D_ROOT"], REPO),  # repo-relative
                     "train_samples": args.train_samples}
 
     if "extract" in parts:
