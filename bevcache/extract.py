@@ -342,11 +342,11 @@ def _open_or_create(opts: ExtractOptions, settings: dict, *, layers: list[LayerS
             raise StoreError(f"a store already exists at {url}: pass --resume to continue it or --overwrite to replace it.")
         if exists and opts.resume:
             store = open_store(url, mode="r+")
-            _check_same_teacher(store, metadata["teacher"], url)
             store.check_matches(dataset=metadata["dataset"], teacher={"config_sha256": metadata["teacher"]["config_sha256"]},
                                 layers=layers,
                                 views=int(settings["views"]), augmentation=metadata.get("augmentation"),
                                 spatial=spatial)
+            _check_same_teacher(store, metadata["teacher"], url)
         else:
             store = create_store(url, num_samples=len(tokens), layers=layers, dtype=settings["dtype"],
                                  tokens=tokens, sample_idx=sample_idx, metadata=metadata,
