@@ -102,9 +102,9 @@ def build_train_config(opts: TrainOptions):
     if opts.data_root:
         set_data_root(cfg, opts.data_root)
     check_data_files(cfg, loaders=("train_dataloader",))  # a missing file is named by its config key
-    build_base_dataset(cfg, "train", pipeline=[])  # an empty or unreadable dataset is one line, before the Runner
     cfg.work_dir = opts.work_dir or cfg.get("work_dir") or f"work_dirs/{Path(opts.student).stem}"
     check_writable_location(cfg.work_dir, "--work-dir")  # before the store or any model is touched
+    build_base_dataset(cfg, "train", pipeline=[])  # an empty or unreadable dataset is one line, before the Runner
     if opts.resume not in (None, "auto") and not Path(opts.resume).is_file():
         raise ConfigError(f"--resume {opts.resume}: no such checkpoint; pass an existing .pth or --resume alone "
                           "for the work dir's last checkpoint.")
