@@ -14,8 +14,8 @@ Three parts, each measured side by side in this run:
    interleaved repetitions in this process, extract's own loop clock (loader + teacher + writes).
 3. **Training step** of the tiny student with cached CRD + spatial maps (configs/tiny_student_crd.py,
    `spatial=dict(...)`, `augmentation='warp'`, TeacherRowsDataset) against the plain student, both
-   on the teacher's augmented train pipeline with 2 loader workers, through Runner.from_cfg with an
-   IterBasedTrainLoop; the maps come from local disk, and from the S3 test server (moto on
+   on the teacher's augmented train pipeline with 2 loader workers, through Runner.from_cfg, one
+   epoch of an EpochBasedTrainLoop (warm-up + timed iterations = one pass); the maps come from local disk, and from the S3 test server (moto on
    127.0.0.1, started by this script, as tests/test_remote_store.py does; it shares the CPU with the
    run). Each variant runs in its own process, interleaved (rotating order). Two clocks: the
    *iteration* (after_train_iter to after_train_iter: includes waiting for the loader, which reads
@@ -207,6 +207,11 @@ def child(args) -> None:
         cfg.model.update(cache=args.store, augmentation="warp", spatial=dict(layers={LAYER: LAYER}))
     cfg = iteration_run(cfg, work_dir=Path(args.work) / "spatial" / "runs" / args.child, iters=args.warmup + args.iters,
                         batch_size=args.batch_size, workers=args.workers, seed=args.seed)
+    # One epoch of an EpochBasedTrainLoop, whose loader workers start after before_train. (With an
+    # IterBasedTrainLoop, DistillationHook restarts the loader built before it and, with loader
+    # workers, mmengine's InfiniteSampler then stops after prefetch_factor x workers batches.)
+    cfg.train_cfg = dict(type="EpochBasedTrainLoop", max_epochs=1, val_interval=10**9)
+    cfg.train_dataloader.sampler = dict(type="DefaultSampler", shuffle=True)
     cfg.default_hooks.logger = dict(type="LoggerHook", interval=10)
     cfg.log_processor = dict(type="LogProcessor", window_size=10, by_epoch=False)
     if spatial:
@@ -250,6 +255,9 @@ def child(args) -> None:
             clock.after_train_iter(runner, batch_idx, data_batch, outputs)
 
     runner.register_hook(StepEnd(), priority="HIGHEST")
+    if len(runner.train_dataloader) < args.warmup + args.iters:
+        sys.exit(f"{len(runner.train_dataloader)} batches per epoch < {args.warmup} warm-up + {args.iters} timed: "
+                 "more --train-samples")
     runner.train()
     worker_kib = max([clock.worker_kib, *_worker_peaks_kib()])
     result = {
@@ -385,7 +393,7 @@ def main() -> None:
     p.add_argument("--extract-batch", type=int, default=4)
     p.add_argument("--extract-workers", type=int, default=1)
     p.add_argument("--extract-reps", type=int, default=2)
-    p.add_argument("--train-samples", type=int, default=96)
+    p.add_argument("--train-samples", type=int, default=120, help="One epoch: >= (warm-up + iters) x batch size.")
     p.add_argument("--train-grid", type=int, default=45)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--workers", type=int, default=2, help="Loader workers (both variants).")
@@ -403,7 +411,7 @@ def main() -> None:
         return child(args)
     if args.quick:
         args.extract_samples, args.extract_reps, args.train_samples = 6, 1, 8
-        args.warmup, args.iters, args.reps, args.batch_size = 1, 3, 1, 2
+        args.warmup, args.iters, args.reps, args.batch_size = 1, 3, 1, 2  # 4 batches of 2 = 8 samples
     args.grids = [int(g) for g in str(args.grids).split(",")]
     args.variants = ["plain"] + [v for v in args.variants.split(",") if v and v != "plain"]
     unknown = set(args.variants) - set(LABELS)
