@@ -63,6 +63,8 @@ def test_three_launchers_give_identical_losses(data_root, fp32_store, tmp_path):
     from bevcache.runtime import parse_cfg_options
 
     cfg.merge_from_dict(parse_cfg_options(short_options(data_root, fp32_store, work_b)))
+    # mmengine keeps one visualizer per name and process: an earlier test's would write elsewhere
+    cfg.visualizer.name = f"visualizer-{work_b}"
     Runner.from_cfg(cfg).train()
     # (c) bevcache train
     work_c = tmp_path / "bevcache_train"
