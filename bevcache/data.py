@@ -304,3 +304,12 @@ def _with_info_path(node: Any) -> Iterator[Any]:
             todo += [v for _, v in n.items()]
         elif isinstance(n, (list, tuple)):
             todo += list(n)
+
+
+def find_wrapper(dataset: Any, kind: type) -> Any:
+    """The dataset of class `kind` inside (or being) a possibly wrapped dataset, or None."""
+    while dataset is not None:
+        if isinstance(dataset, kind):
+            return dataset
+        dataset = getattr(dataset, "dataset", None)
+    return None

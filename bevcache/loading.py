@@ -89,8 +89,6 @@ class TeacherRowsDataset:
 
 def find_rows_dataset(dataset: Any) -> TeacherRowsDataset | None:
     """The TeacherRowsDataset inside (or being) a possibly wrapped dataset."""
-    while dataset is not None:
-        if isinstance(dataset, TeacherRowsDataset):
-            return dataset
-        dataset = getattr(dataset, "dataset", None)
-    return None
+    from .data import find_wrapper
+
+    return find_wrapper(dataset, TeacherRowsDataset)

@@ -192,8 +192,6 @@ class ReplayViewsDataset:
 
 def find_replay_dataset(dataset: Any) -> ReplayViewsDataset | None:
     """The ReplayViewsDataset inside (or being) a possibly wrapped dataset."""
-    while dataset is not None:
-        if isinstance(dataset, ReplayViewsDataset):
-            return dataset
-        dataset = getattr(dataset, "dataset", None)
-    return None
+    from .data import find_wrapper
+
+    return find_wrapper(dataset, ReplayViewsDataset)
