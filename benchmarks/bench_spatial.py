@@ -21,10 +21,12 @@ Three parts, each measured side by side in this run:
    *iteration* (after_train_iter to after_train_iter: includes waiting for the loader, which reads
    and decodes the maps on the same 2 cores) and the *step* (train_step only). Peak RSS of the main
    process and of the largest loader worker (VmHWM).
+4. **Components**: the spatial pieces of one distilled step alone (warp_bev, gaussian_foreground,
+   SpatialDistillLoss forward + backward) at grids 45 and 90, to say where (3)'s extra time goes.
 
     .venv/bin/python benchmarks/bench_spatial.py                 # alone on the machine
     .venv/bin/python benchmarks/bench_spatial.py --quick         # smoke test
-    .venv/bin/python benchmarks/bench_spatial.py --parts store   # one part (store, train)
+    .venv/bin/python benchmarks/bench_spatial.py --parts store   # one part (store, train, components)
 """
 
 from __future__ import annotations
@@ -46,7 +48,6 @@ from common import (
     fmt_time,
     machine,
     parser,
-    peak_rss_mib,
     random_teacher_checkpoint,
     run_child,
     stats,
@@ -175,15 +176,22 @@ def part_store(args, work: Path, mach: dict) -> dict:
 # Part 3: training step (children)
 
 
+def _vm_hwm_kib(pid: int | str = "self") -> int:
+    """Peak RSS (VmHWM) of a process. Not getrusage's ru_maxrss: that survives exec, so a child started
+    by this (large) parent would report the parent's peak."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
 def _worker_peaks_kib() -> list[int]:
     """VmHWM (peak RSS) of this process's live children: the loader workers."""
     peaks = []
     for children in Path(f"/proc/{os.getpid()}/task").glob("*/children"):
         for pid in children.read_text().split():
             try:
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmHWM:"):
-                        peaks.append(int(line.split()[1]))
+                peaks.append(_vm_hwm_kib(pid))
             except OSError:
                 pass
     return peaks
@@ -265,7 +273,7 @@ def child(args) -> None:
         "step_seconds": clock.steps[args.warmup:],
         "iteration_seconds": clock.iterations[args.warmup:],  # iteration i ends at after_train_iter i
         "setup_seconds": (clock.first or time.perf_counter()) - t_start,
-        "peak_rss_mib": peak_rss_mib(),
+        "peak_rss_mib": _vm_hwm_kib() / 1024,
         "worker_peak_rss_mib": worker_kib / 1024,
         "torch_threads": torch.get_num_threads(),
     }
@@ -384,9 +392,60 @@ def part_train(args, work: Path, mach: dict) -> dict:
             "ratios": ratios, "runs": runs}
 
 
+# ---------------------------------------------------------------------------------------------
+# Part 4: where the distilled step's extra time goes
+
+
+def part_components(args, mach: dict) -> dict:
+    """The spatial pieces of one distilled step, alone, at the training batch size."""
+    import numpy as np
+    import torch
+    from common import time_repeated
+
+    from bevcache.spatial import SpatialDistillLoss
+    from bevcache.warp import gaussian_foreground, warp_bev
+
+    torch.manual_seed(0)
+    b, rng = args.batch_size, (-25.6, -25.6, 25.6, 25.6)
+    student = torch.randn(b, 256, 64, 64, requires_grad=True)  # the tiny student's pts_neck
+    c, s = np.cos(0.2), np.sin(0.2)
+    rotation = torch.tensor([[[c, -s, 0], [s, c, 0], [0, 0, 1]]] * b, dtype=torch.float32)
+    flip = torch.tensor([[[1, 0, 0], [0, -1, 0], [0, 0, 1]]] * b, dtype=torch.float32)
+    boxes = torch.cat([torch.rand(25, 2) * 40 - 20, torch.zeros(25, 1), torch.rand(25, 3) * 3 + 0.5,
+                       torch.zeros(25, 1)], 1)  # 25 boxes per sample (the synthetic scenes have ~20)
+    reps = 3 if args.quick else 20
+
+    def pieces(g: int) -> dict:
+        teacher = torch.randn(b, 512, g, g).half()
+        warped, valid = warp_bev(teacher.float(), rotation, rng)
+        fg = torch.stack([gaussian_foreground(boxes, rng, (g, g)) for _ in range(b)])
+        loss = SpatialDistillLoss(256, 512)
+
+        def loss_step():
+            student.grad = None
+            loss(student, warped, valid, fg)["feat"].backward()
+
+        return {
+            "warp_bev, rotation (bilinear)": lambda: warp_bev(teacher.float(), rotation, rng),
+            "warp_bev, flip (index copy)": lambda: warp_bev(teacher.float(), flip, rng),
+            "gaussian_foreground x batch": lambda: [gaussian_foreground(boxes, rng, (g, g)) for _ in range(b)],
+            "SpatialDistillLoss fwd + bwd": loss_step,
+        }
+
+    out = {str(g): {name: stats(time_repeated(fn, warmup=2, repeats=reps)) for name, fn in pieces(g).items()}
+           for g in args.grids}
+    print(f"\n### Spatial pieces of one distilled step alone, batch {args.batch_size}, student 256 x 64 x 64 -> "
+          f"teacher 512 x g x g, {reps} repetitions, median\n")
+    names = list(out[str(args.grids[0])])
+    print(table(["piece", *[f"grid {g}" for g in args.grids]],
+                [[n, *[fmt_time(out[str(g)][n]["median"]) for g in args.grids]] for n in names]))
+    return out
+
+
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--parts", default="store,train", help="Comma-separated: store (size + extraction), train.")
+    p.add_argument("--parts", default="store,train,components",
+                   help="Comma-separated: store (size + extraction), train, components (the spatial pieces alone).")
     p.add_argument("--teacher-epochs", type=int, default=6, help="(bench_fidelity.py's trained teacher, if present)")
     p.add_argument("--grids", default="45,90")
     p.add_argument("--extract-samples", type=int, default=48)
@@ -426,6 +485,8 @@ def main() -> None:
         result["store"] = part_store(args, work, mach)
     if "train" in parts:
         result["train"] = part_train(args, work, mach)
+    if "components" in parts:
+        result["components"] = part_components(args, mach)
     args.work = rel(args.work)
     path = write_result(NAME, args, result, mach)
     if str(REPO) in path.read_text():
