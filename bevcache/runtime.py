@@ -43,12 +43,20 @@ def parse_cfg_options(options: Sequence[str] | dict | None) -> dict:
     bad = [o for o in items if "=" not in o or o.startswith("=")]
     if bad:
         raise ConfigError(f"--cfg-options expects key=value pairs (e.g. train_cfg.max_epochs=2). Got {bad[0]!r}.")
+    # Beyond DictAction: a dict literal (e.g. spatial={'grid': (16, 16), 'weight': 2}) is Python, taken
+    # whole (DictAction would split it at its commas).
+    literal = {}
+    for item in [i for i in items if i.split("=", 1)[1].lstrip().startswith("{")]:
+        key, value = item.split("=", 1)
+        try:
+            literal[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise ConfigError(f"--cfg-options {key}: {value!r} is not a Python dict literal.") from None
+        items.remove(item)
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--cfg-options", nargs="+", action=DictAction)
-    parsed = dict(parser.parse_args(["--cfg-options", *items]).cfg_options)
-    # Beyond DictAction: a dict literal (e.g. layers={'pts_neck': 'pts_backbone'}) is Python.
-    return {k: ast.literal_eval(v) if isinstance(v, str) and v.lstrip().startswith("{") else v
-            for k, v in parsed.items()}
+    parsed = dict(parser.parse_args(["--cfg-options", *items]).cfg_options) if items else {}
+    return {**parsed, **literal}
 
 
 def load_config(path: str | os.PathLike, cfg_options: tuple[str, ...] | list[str] | None = None):

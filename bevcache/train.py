@@ -68,10 +68,11 @@ class TrainOptions:
 
 def _distill_settings(cfg, opts: TrainOptions) -> dict:
     settings = {**DISTILL_DEFAULTS, **dict(cfg.get("distill", {}) or {})}
-    unknown = set(settings) - set(DISTILL_DEFAULTS)
-    if unknown:
-        raise ConfigError(f"unknown distill settings {sorted(unknown)}; known: {sorted(DISTILL_DEFAULTS)}.")
     settings.update(parse_cfg_options(opts.distill_options))
+    unknown = set(settings) - set(DISTILL_DEFAULTS)
+    if unknown:  # (a dotted override such as spatial.grid=... is not merged: pass spatial={...} whole)
+        raise ConfigError(f"unknown distill settings {sorted(unknown)}; known: {sorted(DISTILL_DEFAULTS)} "
+                          "(a nested setting is passed whole, e.g. --distill \"spatial={'grid': (16, 16)}\").")
     if opts.cache:
         settings["cache"] = opts.cache
     if settings["augmentation"] not in AUGMENTATION_POLICIES:

@@ -53,3 +53,11 @@ def test_synth_command_writes_a_data_root(tmp_path):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "d" / "nuscenes_infos_train.pkl").is_file()
     assert json.loads(result.output[result.output.index("{"):])
+
+
+def test_cfg_options_follow_mmengine_and_take_dict_literals_whole():
+    from bevcache.runtime import parse_cfg_options
+
+    parsed = parse_cfg_options(["alpha=0.5", "a.b=[1,2]", "spatial={'grid': (16, 16), 'weight': 2}", "layers={}"])
+    assert parsed == {"alpha": 0.5, "a.b": [1, 2], "spatial": {"grid": (16, 16), "weight": 2}, "layers": {}}
+
