@@ -313,24 +313,29 @@ def figures(summary: dict, example: dict | None, grids: list[int], primary: int,
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     names = list(summary)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    shown = [g for g in FIGURE_GRIDS if str(g) in summary[names[0]]] or [primary]
+    fig, grid_axes = plt.subplots(len(shown), 2, figsize=(12, 0.45 * len(names) * len(shown) + 1.2), sharey=True,
+                                  squeeze=False)
     y = np.arange(len(names))
-    for ax, (key, base_key, title) in zip(axes, (("cos_all", "base_all", "all valid cells"),
-                                                 ("cos_fg", "base_fg", "foreground cells (fg > 0.5)")), strict=True):
-        for off, k, label, color in ((-0.2, key, "cache warped (augmentation='warp')", "tab:blue"),
-                                     (0.2, base_key, "cache not warped (baseline)", "tab:gray")):
-            means = [summary[n][str(primary)][k].get("mean", np.nan) for n in names]
-            stds = [summary[n][str(primary)][k].get("std", 0) for n in names]
-            ax.barh(y + off, means, height=0.38, xerr=stds, color=color, label=label, capsize=2)
-        ax.set_title(f"{title}, grid {primary}x{primary}")
-        ax.set_xlim(0, 1.02)
-        ax.axvline(1.0, color="k", lw=0.8)
-        ax.set_xlabel("cosine to the live teacher map on the augmented input (mean ± std over samples)")
-        ax.grid(axis="x", alpha=0.3)
-    axes[0].set_yticks(y, names)
-    axes[0].invert_yaxis()
-    axes[1].legend(loc="lower left", fontsize=8)
-    fig.tight_layout()
+    for g, axes in zip(shown, grid_axes, strict=True):
+        for ax, (key, base_key, title) in zip(axes, (("cos_all", "base_all", "all valid cells"),
+                                                     ("cos_fg", "base_fg", "foreground cells (fg > 0.5)")), strict=True):
+            for off, k, label, color in ((-0.2, key, "cache warped (augmentation='warp')", "tab:blue"),
+                                         (0.2, base_key, "cache not warped (baseline)", "tab:gray")):
+                means = [summary[n][str(g)][k].get("mean", np.nan) for n in names]
+                stds = [summary[n][str(g)][k].get("std", 0) for n in names]
+                ax.barh(y + off, means, height=0.38, xerr=stds, color=color, label=label, capsize=2)
+            ax.set_title(f"{title}, grid {g}x{g}")
+            ax.set_xlim(0, 1.02)
+            ax.axvline(1.0, color="k", lw=0.8)
+            ax.grid(axis="x", alpha=0.3)
+        axes[0].set_yticks(y, names)
+    grid_axes[0][0].invert_yaxis()
+    for ax in grid_axes[-1]:
+        ax.set_xlabel("cosine to the live teacher map (mean ± std over samples)")
+    handles, labels = grid_axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     path = out_dir / "fidelity.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -365,6 +370,7 @@ def figures(summary: dict, example: dict | None, grids: list[int], primary: int,
 
 
 EXAMPLE_TITLE = "rotation +22.5 deg"
+FIGURE_GRIDS = (16, 32)  # rows of docs/spatial/fidelity.png
 
 
 def fidelity_md(result: dict, rows_by_grid: dict[int, str], centred: str, branches: str, primary: int,
@@ -383,7 +389,7 @@ def fidelity_md(result: dict, rows_by_grid: dict[int, str], centred: str, branch
         "pts_neck=<grid>`, warped by `bev_transform(metainfo)` / `warp_bev`) and the live teacher map on the "
         "augmented input (pooled to the same grid by extraction's own code). Each sample's cells are averaged "
         "over all valid cells (the warp's mask) and over foreground cells (`gaussian_foreground` of the "
-        "augmented GT boxes > 0.5); the table gives mean ± std over samples (p10 in "
+        "augmented GT boxes > 0.5); the table gives mean ± std over samples (p10, median, p90 and min in "
         "`benchmarks/results/fidelity.json`).",
         "",
         f"- Teacher: `configs/tiny_teacher.py` trained {t['epochs']} epochs on {result['train_samples']} synthetic "
@@ -456,8 +462,15 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--example", default="rotation +22.5 deg", help="Transform shown in docs/spatial/warp_example.png.")
     p.add_argument("--docs", default=str(DOCS), help="Where the table and figures go (quick: the scratch folder).")
+    p.add_argument("--per-sample", action="store_true", help="Also write every sample's values to the JSON (~1 MB).")
+    p.add_argument("--replot", action="store_true",
+                   help="Only redraw docs/spatial/fidelity.png from the result JSON (no measurement).")
     args = p.parse_args()
     argv = sys.argv[1:]
+    if args.replot:
+        saved = json.loads(result_path(NAME, args).read_text())
+        print(figures(saved["summary"], None, saved["grids"], saved["primary_grid"], Path(args.docs)))
+        return
     if args.quick:
         args.train_samples, args.val_samples, args.samples, args.views, args.grids = 6, 2, 6, 1, "16,32"
         args.docs = str(Path(args.work) / "quick" / "docs-spatial")
@@ -494,8 +507,9 @@ def main() -> None:
     result = {"command": command, "train_samples": args.train_samples, "val_samples": args.val_samples,
               "samples": len(rows), "views": args.views, "grids": grids, "primary_grid": args.primary_grid,
               "teacher": teacher, "stores": {str(g): rel(s) for g, s in stores.items()}, "bev_layer": LAYER,
-              "measure_seconds": seconds, "summary": summary,
-              "per_sample": {name: {str(g): v for g, v in per.items()} for name, per in measured["per_sample"].items()}}
+              "measure_seconds": seconds, "summary": summary}
+    if args.per_sample:  # ~1 MB: kept out of the committed results by default
+        result["per_sample"] = {name: {str(g): v for g, v in per.items()} for name, per in measured["per_sample"].items()}
     by_grid = {g: grid_table(summary, g) for g in [args.primary_grid] + [g for g in grids if g != args.primary_grid]}
     centred = grid_table(summary, args.primary_grid, centred=True)
     strides = [st for _, _, st in neck_branches(cfg)]
