@@ -215,9 +215,8 @@ def child(args) -> None:
         cfg.model.update(cache=args.store, augmentation="warp", spatial=dict(layers={LAYER: LAYER}))
     cfg = iteration_run(cfg, work_dir=Path(args.work) / "spatial" / "runs" / args.child, iters=args.warmup + args.iters,
                         batch_size=args.batch_size, workers=args.workers, seed=args.seed)
-    # One epoch of an EpochBasedTrainLoop, whose loader workers start after before_train. (With an
-    # IterBasedTrainLoop, DistillationHook restarts the loader built before it and, with loader
-    # workers, mmengine's InfiniteSampler then stops after prefetch_factor x workers batches.)
+    # One epoch of an EpochBasedTrainLoop: its loader workers start after before_train, so neither
+    # variant pays DistillationHook's restart of an IterBasedTrainLoop's loader inside the timing.
     cfg.train_cfg = dict(type="EpochBasedTrainLoop", max_epochs=1, val_interval=10**9)
     cfg.train_dataloader.sampler = dict(type="DefaultSampler", shuffle=True)
     cfg.default_hooks.logger = dict(type="LoggerHook", interval=10)
