@@ -24,7 +24,8 @@ from .errors import ConfigError, StoreMismatch
 log = logging.getLogger("bevcache")
 
 # Wrappers whose inner dataset keeps its own indexing (config key 'dataset').
-INDEX_PRESERVING_WRAPPERS = ("CBGSDataset", "RepeatDataset", "ClassBalancedDataset", "ReplayViewsDataset")
+INDEX_PRESERVING_WRAPPERS = ("CBGSDataset", "RepeatDataset", "ClassBalancedDataset", "ReplayViewsDataset",
+                             "TeacherRowsDataset")
 # Train transforms that draw random numbers: their output differs from the cached (test-time) input.
 RANDOM_TRANSFORMS = (
     "ObjectSample", "ObjectNoise", "GlobalRotScaleTrans", "RandomFlip3D", "PointShuffle",
@@ -304,6 +305,13 @@ def _with_info_path(node: Any) -> Iterator[Any]:
             todo += [v for _, v in n.items()]
         elif isinstance(n, (list, tuple)):
             todo += list(n)
+
+
+def base_dataset(dataset: Any) -> Any:
+    """The built base dataset under index-preserving wrappers (the object `unwrap_dataset_cfg` describes)."""
+    while type(dataset).__name__ in INDEX_PRESERVING_WRAPPERS:
+        dataset = dataset.dataset
+    return dataset
 
 
 def find_wrapper(dataset: Any, kind: type) -> Any:

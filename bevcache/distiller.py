@@ -107,12 +107,13 @@ class CRDDistiller(BaseModel):
             raise ConfigError("CRDDistiller: layers must map student layer names to teacher layer names, "
                               f"e.g. dict(pts_neck='pts_neck'). Got {layers!r}.")
         self.alpha = float(alpha)
-        if augmentation == "auto" and cache is not None:
+        store = None
+        if cache is not None:
             from .store import open_store
 
-            augmentation = resolve_augmentation("auto", store_views=open_store(cache).num_views,
-                                                spatial=bool(spatial))
-        self.augmentation = resolve_augmentation(augmentation, spatial=bool(spatial))
+            store = open_store(cache)
+        self.augmentation = resolve_augmentation(augmentation, store_views=store.num_views if store else 0,
+                                                 spatial=bool(spatial))
         self.cache = cache
         self.replay = self.augmentation == "replay"
         self.num_views = views
@@ -124,7 +125,7 @@ class CRDDistiller(BaseModel):
         self.spatial_channels: dict[str, int] = {}
         teacher_dims = dict(teacher_dims or {})
         if cache is not None:
-            num_data, teacher_dims, pooling = self._open_cache(cache, num_data, teacher_dims, pooling)
+            num_data, teacher_dims, pooling = self._open_cache(store, num_data, teacher_dims, pooling)
         else:
             if num_data is None:
                 raise ConfigError("CRDDistiller with an online `teacher` needs num_data (the training set's length; "
@@ -185,11 +186,9 @@ class CRDDistiller(BaseModel):
         settings["bev_range"] = tuple(float(v) for v in settings["bev_range"])
         return settings
 
-    def _open_cache(self, cache: str, num_data, teacher_dims: dict, pooling):
+    def _open_cache(self, store, num_data, teacher_dims: dict, pooling):
         """Everything the store decides: rows, widths, pooling; the tables themselves, on the host."""
-        from .store import open_store
-
-        store = open_store(cache)
+        cache = store.url
         mask = store.complete_mask()
         if not mask.all():
             raise StoreError(f"store {cache} is incomplete ({int((~mask).sum())} of {store.num_samples} rows "
@@ -226,12 +225,9 @@ class CRDDistiller(BaseModel):
                                  f"{sorted(store.spatial)}); extract with --spatial {t}=<grid>.")
             self.spatial_channels[t] = store.spatial[t].channels
         table_dtype = torch.float16 if store.dtype == "float16" else torch.float32
-        itemsize = 2 if store.dtype == "float16" else 4
-        table_bytes = sum(store.layers[t].dim for t in set(self.layers.values())) * store.num_samples * itemsize
-        table_bytes *= 1 + (store.num_views if self.replay else 0)
-        from .loading import POOLED_IN_MEMORY_BYTES
+        from .loading import reads_pooled_lazily
 
-        self.lazy_pooled = table_bytes > POOLED_IN_MEMORY_BYTES and not self.replay
+        self.lazy_pooled, table_bytes = reads_pooled_lazily(store, set(self.layers.values()), replay=self.replay)
         print_log(f"CRDDistiller: pooled teacher table {table_bytes / 2**20:.1f} MiB "
                   + ("read per sample by the loader workers (TeacherRowsDataset)" if self.lazy_pooled
                      else "held in memory on the training device"), logger="current")

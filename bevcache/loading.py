@@ -29,6 +29,15 @@ from .replay import VIEW_META
 POOLED_IN_MEMORY_BYTES = 2 * 1024**3  # pooled tables above this are read per sample instead
 
 
+def reads_pooled_lazily(store, layers: set[str] | list[str], *, replay: bool) -> tuple[bool, int]:
+    """(read per sample?, bytes of the in-memory table) for these pooled layers of a store. Replayed
+    views stay in memory (the lookup by view is on the training device)."""
+    itemsize = 2 if store.dtype == "float16" else 4
+    size = sum(store.layers[t].dim for t in set(layers) if t in store.layers) * store.num_samples * itemsize
+    size *= 1 + (store.num_views if replay else 0)
+    return size > POOLED_IN_MEMORY_BYTES and not replay, size
+
+
 def map_field(layer: str) -> str:
     return "teacher_map__" + layer.replace(".", "__")
 

@@ -289,15 +289,13 @@ class _Prober:
 
 def _base_dataset(dataset: Any) -> Any:
     """A built base dataset from a built (possibly wrapped) dataset or a dataset config."""
-    from .data import INDEX_PRESERVING_WRAPPERS, build_dataset_cfg, unwrap_dataset_cfg
+    from .data import base_dataset, build_dataset_cfg, unwrap_dataset_cfg
 
     if isinstance(dataset, dict):
         cfg = copy.deepcopy(unwrap_dataset_cfg(dataset))
         cfg["pipeline"] = []  # the probe builds the steps itself
         return build_dataset_cfg(cfg, "the probed dataset")
-    while type(dataset).__name__ in INDEX_PRESERVING_WRAPPERS:
-        dataset = dataset.dataset
-    return dataset
+    return base_dataset(dataset)
 
 
 def _pick(n: int, samples: int | Sequence[int]) -> list[int]:

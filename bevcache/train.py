@@ -201,7 +201,7 @@ def _set_widths_for_ddp(cfg) -> None:
 def _wrap_for_rows(cfg, model: dict) -> None:
     """TeacherRowsDataset around the whole train dataset when the distiller reads rows per sample
     (spatial maps; pooled tables too large for memory), unless the config has it already."""
-    from .loading import POOLED_IN_MEMORY_BYTES
+    from .loading import reads_pooled_lazily
     from .store import open_store
 
     ds = cfg.train_dataloader.dataset
@@ -213,9 +213,8 @@ def _wrap_for_rows(cfg, model: dict) -> None:
     layers = dict({"pts_neck": "pts_neck"} if model.get("layers") is None else model["layers"])
     spatial = sorted(set(dict((model.get("spatial") or {}).get("layers") or {"pts_neck": "pts_neck"}).values())
                      ) if model.get("spatial") else []
-    itemsize = 2 if store.dtype == "float16" else 4
-    table = sum(store.layers[t].dim for t in set(layers.values()) if t in store.layers) * store.num_samples * itemsize
-    pooled = sorted(set(layers.values())) if table > POOLED_IN_MEMORY_BYTES and model.get("augmentation") != "replay" else []
+    lazy, _ = reads_pooled_lazily(store, set(layers.values()), replay=model.get("augmentation") == "replay")
+    pooled = sorted(set(layers.values())) if lazy else []
     if spatial or pooled:
         cfg.train_dataloader.dataset = dict(type="TeacherRowsDataset", dataset=cfg.train_dataloader.dataset,
                                             cache=model["cache"], spatial=spatial, pooled=pooled)

@@ -17,19 +17,12 @@ from typing import Any
 
 from mmengine.logging import print_log
 
-from .data import dataset_identity
+from .data import base_dataset, dataset_identity, unwrap_dataset_cfg
 from .errors import ConfigError, StoreMismatch
 from .replay import find_replay_dataset
 from .store import fingerprint_tokens
 
 INDEX_META_KEYS = ("sample_idx", "token")
-
-
-def base_dataset(dataset: Any) -> Any:
-    """The innermost dataset under index-preserving wrappers (CBGS, Repeat, ClassBalanced, replay)."""
-    while hasattr(dataset, "dataset"):
-        dataset = dataset.dataset
-    return dataset
 
 
 def _pack_step(pipeline: Any):
@@ -56,9 +49,7 @@ def check_index_meta(dataset: Any) -> None:
 
 def base_pipeline_cfg(dataset_cfg: Any) -> list:
     """The pipeline config of the base dataset under (config) wrappers."""
-    while isinstance(dataset_cfg, dict) and "dataset" in dataset_cfg and "pipeline" not in dataset_cfg:
-        dataset_cfg = dataset_cfg["dataset"]
-    return list(dataset_cfg.get("pipeline") or []) if isinstance(dataset_cfg, dict) else []
+    return list(unwrap_dataset_cfg(dataset_cfg).get("pipeline") or []) if isinstance(dataset_cfg, dict) else []
 
 
 def check_train_data(distiller: Any, dataset: Any, pipeline_cfg: list) -> None:
