@@ -29,7 +29,8 @@ def main() -> None:
     p.add_argument("--allow-dirty", action="store_true",
                    help="Measure a tree with uncommitted changes (results then describe no commit).")
     args = p.parse_args()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                            ":(exclude)benchmarks/results"], cwd=REPO,
                            capture_output=True, text=True).stdout.strip()
     if dirty and not args.quick and not args.allow_dirty:
         sys.exit("the tree has uncommitted changes: committed results must describe a commit. Commit (or stash) "
