@@ -1,10 +1,17 @@
 """The tiny voxel pair (hard voxelization -> spconv SparseEncoder -> SECOND -> SECONDFPN, BEVFusion-L's
 LiDAR trunk) through the same paths as the pillar pair: extract, kill -9 + resume, cached training
 with resume, online reference, export. Sparse-conv weights depend on the state dict's `_metadata`,
-which the pillar model never exercised."""
+which the pillar model never exercised.
+
+spconv's sparse convolutions on the CPU are not run-to-run reproducible with more than one intra-op
+thread (measured: pts_middle_encoder outputs differ by up to 0.05 between two identical forwards
+with 2 threads, pts_neck by 1e-3; bit-identical with 1). The bitwise resume checks below therefore
+run every teacher and student forward, in-process and in subprocesses, on one thread.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 from pathlib import Path
@@ -21,6 +28,30 @@ from .test_train import run, short_run
 
 TEACHER = str(CONFIGS / "tiny_voxel_teacher.py")
 STUDENT = str(CONFIGS / "tiny_voxel_student.py")
+
+
+@contextlib.contextmanager
+def one_thread():
+    """One intra-op thread here and in child processes (see the module docstring)."""
+    import os
+
+    threads, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        if env is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = env
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +82,9 @@ def _args(data_root: Path, ckpt: str, out: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def voxel_store(data_root, voxel_teacher_ckpt, tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("voxel-store") / "features.zarr"
-    extract(ExtractOptions(config=TEACHER, checkpoint=voxel_teacher_ckpt, out=str(out), data_root=str(data_root),
-                           batch_size=2, num_workers=0, chunk_rows=4, dtype="float32", progress=False))
+    with one_thread():  # a module fixture is set up before the autouse one
+        extract(ExtractOptions(config=TEACHER, checkpoint=voxel_teacher_ckpt, out=str(out), data_root=str(data_root),
+                               batch_size=2, num_workers=0, chunk_rows=4, dtype="float32", progress=False))
     return str(out)
 
 
