@@ -11,8 +11,18 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two xdist workers on the 2 cores: one intra-op thread each, subprocesses included.
+    os.environ["OMP_NUM_THREADS"] = "1"
 # Idle OpenMP threads sleep instead of spinning: subprocess tests (CLI, torchrun) share 2 cores.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
