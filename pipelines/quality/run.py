@@ -216,15 +216,20 @@ def rel(path) -> str:
         return str(path)
 
 
-def git_state(measured_at: str | None = None) -> dict:
-    """The commit the measurements are taken at, and whether the tree is clean."""
+def git_state(measured_at: str | None = None, own_outputs: Path | None = None) -> dict:
+    """The commit the measurements are taken at, and whether the tree is clean. `own_outputs` (the
+    report dir) does not count: the report written after seed 0 must not mark seed 1 as dirty."""
     import subprocess
 
     def git(*a, strip=True):
         out = subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout
         return out.strip() if strip else out
 
-    dirty = [ln for ln in git("status", "--porcelain", "--untracked-files=no", strip=False).splitlines() if ln.strip()]
+    pathspec = ["--", "."]
+    if own_outputs is not None and Path(own_outputs).resolve().is_relative_to(REPO):
+        pathspec.append(f":(exclude){Path(own_outputs).resolve().relative_to(REPO)}")
+    dirty = [ln for ln in git("status", "--porcelain", "--untracked-files=no", *pathspec, strip=False).splitlines()
+             if ln.strip()]
     state = {"commit": git("rev-parse", "HEAD"), "short": git("rev-parse", "--short", "HEAD"), "clean": not dirty,
              "dirty_files": [ln[3:] for ln in dirty]}
     if measured_at:
@@ -566,7 +571,7 @@ def report(args, order: list[dict], runs: dict, teacher_rec: dict, extract_rec: 
                 if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU {cpu}, {os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '-')}"
     nce_k = min(16384, args.train - 1)
-    state = git_state(args.measured_at)
+    state = git_state(args.measured_at, own_outputs=args.report_dir)
     md = [
         "# bevcache quality report" + (" (QUICK SMOKE RUN: not a result)" if args.quick else ""),
         "",
