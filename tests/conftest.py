@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # `make test` runs two xdist workers on the 2 cores: one intra-op thread each, subprocesses included.
+    # Opt-in `-n 2`: two xdist workers share the 2 cores, one intra-op thread each, subprocesses included.
     os.environ["OMP_NUM_THREADS"] = "1"
 # Idle OpenMP threads sleep instead of spinning: subprocess tests (CLI, torchrun) share 2 cores.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -23,6 +24,21 @@ def pytest_configure(config):
         import torch
 
         torch.set_num_threads(1)
+
+
+@contextlib.contextmanager
+def one_intra_op_thread():
+    """One torch intra-op thread here and (OMP_NUM_THREADS) in child processes; both restored after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -18,16 +18,16 @@ from torch import nn
 
 from bevcache.crd import CRDLoss
 
+from .conftest import one_intra_op_thread
+
 DS, DT, N = 12, 20, 50  # student dim, teacher dim, dataset size of the small module
 
 
 @pytest.fixture(autouse=True)
 def one_thread():
     # 2 shared cores: OpenMP threads spinning against other processes make tiny ops 100x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_intra_op_thread():
+        yield
 
 
 def make(seed: int = 0, **kw) -> CRDLoss:

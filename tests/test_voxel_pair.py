@@ -11,7 +11,6 @@ run every teacher and student forward, in-process and in subprocesses, on one th
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import subprocess
 from pathlib import Path
@@ -23,34 +22,16 @@ from bevcache.extract import ExtractOptions, extract
 from bevcache.store import open_store
 from bevcache.train import TrainOptions, build_train_config
 
-from .conftest import CONFIGS, REPO, bevcache_cmd, tiny_cfg
+from .conftest import CONFIGS, REPO, bevcache_cmd, one_intra_op_thread, tiny_cfg
 from .test_train import run, short_run
 
 TEACHER = str(CONFIGS / "tiny_voxel_teacher.py")
 STUDENT = str(CONFIGS / "tiny_voxel_student.py")
 
 
-@contextlib.contextmanager
-def one_thread():
-    """One intra-op thread here and in child processes (see the module docstring)."""
-    import os
-
-    threads, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
-    torch.set_num_threads(1)
-    os.environ["OMP_NUM_THREADS"] = "1"
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-        if env is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = env
-
-
 @pytest.fixture(autouse=True)
 def _one_thread():
-    with one_thread():
+    with one_intra_op_thread():
         yield
 
 
@@ -82,7 +63,7 @@ def _args(data_root: Path, ckpt: str, out: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def voxel_store(data_root, voxel_teacher_ckpt, tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("voxel-store") / "features.zarr"
-    with one_thread():  # a module fixture is set up before the autouse one
+    with one_intra_op_thread():  # a module fixture is set up before the autouse one
         extract(ExtractOptions(config=TEACHER, checkpoint=voxel_teacher_ckpt, out=str(out), data_root=str(data_root),
                                batch_size=2, num_workers=0, chunk_rows=4, dtype="float32", progress=False))
     return str(out)

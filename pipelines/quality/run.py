@@ -226,8 +226,9 @@ def git_state(measured_at: str | None = None, own_outputs: Path | None = None) -
         return out.strip() if strip else out
 
     pathspec = ["--", "."]
-    if own_outputs is not None and Path(own_outputs).resolve().is_relative_to(REPO):
-        pathspec.append(f":(exclude){Path(own_outputs).resolve().relative_to(REPO)}")
+    own = Path(own_outputs).resolve() if own_outputs is not None else None
+    if own is not None and own.is_relative_to(REPO):
+        pathspec.append(f":(exclude){own.relative_to(REPO)}")
     dirty = [ln for ln in git("status", "--porcelain", "--untracked-files=no", *pathspec, strip=False).splitlines()
              if ln.strip()]
     state = {"commit": git("rev-parse", "HEAD"), "short": git("rev-parse", "--short", "HEAD"), "clean": not dirty,
