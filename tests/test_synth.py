@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import pickle
 from pathlib import Path
@@ -63,7 +64,7 @@ def _signature(obj):
     return type(obj).__name__
 
 
-def _nuscenes_dataset(root: Path, ann_file: str, pipeline=PIPELINE, **kwargs):
+def _nuscenes_dataset(root: Path, ann_file: str, pipeline=PIPELINE, data_prefix=DATA_PREFIX, **kwargs):
     from mmdet3d.datasets import NuScenesDataset
     from mmdet3d.utils import register_all_modules
 
@@ -71,7 +72,7 @@ def _nuscenes_dataset(root: Path, ann_file: str, pipeline=PIPELINE, **kwargs):
     return NuScenesDataset(
         data_root=str(root),
         ann_file=ann_file,
-        data_prefix=DATA_PREFIX,
+        data_prefix=data_prefix,
         pipeline=pipeline,
         metainfo=dict(version="v1.0-mini"),
         **kwargs,
@@ -469,3 +470,244 @@ def test_zoo_centerpoint_trains_with_object_sample_on_the_synthetic_gt_database(
     assert len(rec.losses) == 2 and all(np.isfinite(rec.losses))
     plain = {i["sample_idx"]: sum(x["bbox_3d_isvalid"] for x in i["instances"]) for i in _infos(data_root, "train")}
     assert any(n > plain[idx] for idx, n in rec.seen)  # pasted objects reached the model
+
+
+# -- cameras (generate(cameras=True)) ---------------------------------------------------------------
+
+CAM_PREFIX = {**DATA_PREFIX, **{c: f"samples/{c}" for c in synth.CAMERA_CHANNELS}}
+# The LiDAR output of seed 7 (3+2 samples, 1 sweep, mini tables) as written before the cameras existed:
+# points, tables and infos. A change here changes every LiDAR-only dataset and its teachers' caches.
+LIDAR_ONLY_DIGEST = "70d922300dc800e66289e9c1b3fd19f48637c998fbc87ee2cbfd9f740959fc8e"
+
+
+@pytest.fixture(scope="module")
+def cam_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth_cams")
+    return out, synth.generate(out, num_train=4, num_val=2, seed=5, cameras=True, gt_database=False)
+
+
+def _lidar_digest(root: Path) -> str:
+    """Points files, the mini tables and the infos (canonical JSON: independent of numpy's pickle paths)."""
+    h = hashlib.sha256()
+    for rel, digest in _tree_digest(root).items():
+        if rel.endswith(".pcd.bin") or rel.startswith("v1.0-mini/"):
+            h.update(rel.encode() + bytes.fromhex(digest))
+    for split in ("train", "val"):
+        with open(root / f"nuscenes_infos_{split}.pkl", "rb") as f:
+            h.update(json.dumps(pickle.load(f), sort_keys=True, default=lambda o: o.item()).encode())
+    return h.hexdigest()
+
+
+def _image(root: Path, info: dict, channel: str) -> np.ndarray:
+    """RGB uint8 of one written camera image."""
+    import cv2
+
+    bgr = cv2.imread(str(root / "samples" / channel / info["images"][channel]["img_path"]), cv2.IMREAD_COLOR)
+    assert bgr is not None, channel
+    return bgr[..., ::-1]
+
+
+def _views(info: dict) -> tuple[list, list]:
+    return (
+        [info["images"][c]["lidar2cam"] for c in synth.CAMERA_CHANNELS],
+        [info["images"][c]["cam2img"] for c in synth.CAMERA_CHANNELS],
+    )
+
+
+def test_without_cameras_the_lidar_output_is_unchanged(tmp_path):
+    synth.generate(tmp_path / "r", num_train=3, num_val=2, seed=7, sweeps=1, version="v1.0-mini", gt_database=False)
+    assert _lidar_digest(tmp_path / "r") == LIDAR_ONLY_DIGEST
+    assert not any((tmp_path / "r" / "samples").glob("CAM_*"))
+
+
+def test_cameras_draw_no_lidar_randomness(tmp_path, cam_data, monkeypatch):
+    """With cameras only the cue's shared geometry changes the LiDAR: a LiDAR-only run given the same
+    class specs writes bit-identical points, boxes and counts."""
+    cue_specs = synth._specs(cue=True)
+    monkeypatch.setattr(synth, "_specs", lambda cue: cue_specs)
+    synth.generate(tmp_path / "lidar", num_train=4, num_val=2, seed=5, gt_database=False)
+    with_cams, lidar_only = _tree_digest(cam_data[0]), _tree_digest(tmp_path / "lidar")
+    points = {k: v for k, v in with_cams.items() if k.endswith(".pcd.bin")}
+    assert points == {k: v for k, v in lidar_only.items() if k.endswith(".pcd.bin")} and points
+    for split in ("train", "val"):
+        for a, b in zip(_infos(cam_data[0], split), _infos(tmp_path / "lidar", split), strict=True):
+            assert a["instances"] == b["instances"] and a["token"] == b["token"]
+
+
+def test_cue_classes_look_identical_to_the_lidar():
+    specs = synth._specs(cue=True)
+    bike, moto = (specs[synth.CLASSES.index(c)] for c in synth.CUE_CLASSES)
+    lidar_fields = ("size", "vmax", "p_moving", "weight", "intensity", "eval_range", "moving_attr", "static_attr")
+    assert all(getattr(bike, f) == getattr(moto, f) for f in lidar_fields)
+    assert synth.CLASS_COLOURS["bicycle"] != synth.CLASS_COLOURS["motorcycle"]
+    # Relabelling every cue object as the other cue class leaves the scan bit-identical (points, intensity, ring).
+    scene = synth._simulate_scene(seed=2, split="train", split_id=0, scene_idx=0, name="scene-0061", n_samples=1,
+                                  sweeps=0, specs=specs)
+    swap = {synth.CLASSES.index(a): synth.CLASSES.index(b) for a, b in (synth.CUE_CLASSES, synth.CUE_CLASSES[::-1])}
+    swapped = [synth._Object(swap.get(o.label, o.label), o.lwh, o.p0, o.vel, o.yaw) for o in scene.objects]
+    assert any(o.label in swap for o in scene.objects)
+    boxes = synth._boxes_at(scene.objects, 0.0)
+    pts, counts = synth._scan(boxes, scene.objects, np.random.default_rng(0), specs)
+    pts_b, counts_b = synth._scan(boxes, swapped, np.random.default_rng(0), specs)
+    assert np.array_equal(pts, pts_b) and np.array_equal(counts, counts_b)
+    # Without cameras the classes keep their own sizes (the LiDAR-only data are unchanged).
+    assert synth._specs(cue=False) == synth._SPECS and synth._SPECS[5].size != synth._SPECS[6].size
+
+
+def test_camera_infos_have_the_real_fixtures_keys_and_consistent_matrices(cam_data):
+    with open(FIXTURE / "nus_info.pkl", "rb") as f:
+        real = pickle.load(f)["data_list"][0]["images"]
+    out, summary = cam_data
+    width, height = summary["cameras"]["image_size"]
+    assert (width, height) == synth.DEFAULT_IMAGE_SIZE
+    for info in _infos(out, "train") + _infos(out, "val"):
+        images = info["images"]
+        assert list(images) == list(real) == list(synth.CAMERA_CHANNELS)
+        lidar2ego = np.array(info["lidar_points"]["lidar2ego"])
+        for channel, cam in images.items():
+            assert list(cam) == list(real[channel]) and _signature(cam) == _signature(real[channel])
+            assert (out / "samples" / channel / cam["img_path"]).is_file() and channel in cam["img_path"]
+            assert cam["timestamp"] == info["timestamp"]  # rendered at the key frame: boxes and image agree
+            # parked ego: the camera-to-LiDAR chain closes through the ego frame
+            np.testing.assert_allclose(np.array(cam["cam2ego"]) @ np.array(cam["lidar2cam"]), lidar2ego, atol=1e-12)
+            k = np.array(cam["cam2img"])
+            assert k[0, 2] == width / 2 and k[1, 2] == height / 2
+            assert _image(out, info, channel).shape == (height, width, 3)
+    # nuScenes' own field of view: the front camera's focal length scaled to the image width
+    k = np.array(images["CAM_FRONT"]["cam2img"])
+    assert k[0, 0] == pytest.approx(1266.0 * width / 1600)
+
+
+def test_cameras_load_through_nuscenes_dataset_and_the_multiview_loader(cam_data):
+    out, _ = cam_data
+    pipeline = [
+        dict(type="LoadPointsFromFile", coord_type="LIDAR", load_dim=5, use_dim=5),
+        dict(type="LoadMultiViewImageFromFiles", to_float32=False, color_type="color", num_views=6),
+    ]
+    # the camera prefixes as BEVFusion's config sets them
+    ds = _nuscenes_dataset(out, "nuscenes_infos_val.pkl", pipeline=pipeline, data_prefix=CAM_PREFIX, test_mode=True,
+                           modality=dict(use_camera=True, use_lidar=True))
+    item = ds[0]
+    info = next(i for i in _infos(out, "val") if i["sample_idx"] == item["sample_idx"])
+    assert len(item["img"]) == 6 and len(item["filename"]) == 6
+    for channel, img, path, cam2img, lidar2cam in zip(synth.CAMERA_CHANNELS, item["img"], item["filename"],
+                                                      item["cam2img"], item["lidar2cam"], strict=True):
+        assert Path(path) == out / "samples" / channel / info["images"][channel]["img_path"]
+        assert img.shape == _image(out, info, channel).shape
+        np.testing.assert_array_equal(img[..., ::-1], _image(out, info, channel))  # the loader reads BGR
+        assert np.array_equal(cam2img, info["images"][channel]["cam2img"])
+        assert np.array_equal(lidar2cam, info["images"][channel]["lidar2cam"])
+    assert len(item["points"]) == len(_points(out, info))
+
+
+def test_projected_box_corners_bound_each_objects_pixels(cam_data):
+    out, summary = cam_data
+    size = tuple(summary["cameras"]["image_size"])
+    checked = tight = 0
+    for info in _infos(out, "val")[:1]:
+        boxes = np.array([i["bbox_3d"] for i in info["instances"]])
+        lidar2cam, cam2img = _views(info)
+        _, ids = synth.render_views(boxes, lidar2cam, cam2img, size)
+        for k, box in enumerate(boxes):
+            _, alone = synth.render_views(box[None], lidar2cam, cam2img, size)
+            for v in range(6):
+                uv, z = synth.project(synth._box_corners(box), lidar2cam[v], cam2img[v])
+                assert not ((ids[v] == k) & (alone[v] != 0)).any()  # occlusion only removes pixels
+                if (z <= synth.NEAR_PLANE).any():
+                    continue
+                rows, cols = np.nonzero(alone[v] == 0)
+                if len(rows) == 0:
+                    continue
+                lo, hi = uv.min(axis=0), uv.max(axis=0)
+                centres = np.stack([cols + 0.5, rows + 0.5], axis=1)
+                assert (centres >= lo - 1e-6).all() and (centres <= hi + 1e-6).all(), (k, v)
+                checked += 1
+                # Inside the image the silhouette is the corners' hull, so it reaches their bbox (to the
+                # pixel-centre sampling: a sharp vertex can poke a little past the last sampled centre).
+                if (lo >= 0).all() and (hi <= size).all():
+                    assert np.abs(centres.min(axis=0) - lo).max() <= 2.0 and np.abs(centres.max(axis=0) - hi).max() <= 2.0
+                    tight += 1
+    assert checked >= 10 and tight >= 5
+
+
+def test_cue_colours_paint_the_cue_objects_pixels(cam_data):
+    out, summary = cam_data
+    size = tuple(summary["cameras"]["image_size"])
+    cue = {synth.CLASSES.index(c): np.array(synth.CLASS_COLOURS[c], dtype=float) for c in synth.CUE_CLASSES}
+    seen = dict.fromkeys(cue, 0)
+    for info in _infos(out, "val"):
+        boxes = np.array([i["bbox_3d"] for i in info["instances"]])
+        labels = np.array([i["bbox_label_3d"] for i in info["instances"]])
+        _, ids = synth.render_views(boxes, *_views(info), size)
+        for v, channel in enumerate(synth.CAMERA_CHANNELS):
+            img = _image(out, info, channel).astype(float)
+            label_map = np.where(ids[v] >= 0, labels[ids[v]], -1)
+            for label, colour in cue.items():
+                mask = label_map == label
+                interior = mask & np.roll(mask, 2, 0) & np.roll(mask, -2, 0) & np.roll(mask, 2, 1) & np.roll(mask, -2, 1)
+                if interior.sum() >= 20:
+                    mean = img[interior].mean(axis=0)
+                    # shaded and brightness-varied, but the hue is the class's: the right dominant channel
+                    other = next(c for lbl, c in cue.items() if lbl != label)
+                    assert np.dot(mean / np.linalg.norm(mean), colour / np.linalg.norm(colour)) > \
+                        np.dot(mean / np.linalg.norm(mean), other / np.linalg.norm(other)) + 0.3
+                    seen[label] += 1
+                # No other pixel carries the cue: a bright, pure cue hue only on (or a JPEG block from) such objects.
+                dominant = int(np.argmax(colour))
+                rest = [c for c in range(3) if c != dominant]
+                strong = (img[..., dominant] > 90) & (img[..., rest].max(axis=-1) < 0.3 * img[..., dominant])
+                near = np.zeros_like(mask)
+                for dy in range(-4, 5):
+                    for dx in range(-4, 5):
+                        near |= np.roll(mask, (dy, dx), (0, 1))
+                assert not (strong & ~near).any(), (channel, synth.CLASSES[label])
+    assert all(n > 0 for n in seen.values()), seen
+
+
+def test_cameras_are_deterministic_per_seed(tmp_path, cam_data):
+    synth.generate(tmp_path / "again", num_train=4, num_val=2, seed=5, cameras=True, gt_database=False)
+    first = _tree_digest(cam_data[0])
+    assert sum(p.endswith(".jpg") for p in first) == (4 + 2) * 6
+    assert _tree_digest(tmp_path / "again") == first
+    synth.generate(tmp_path / "other", num_train=4, num_val=2, seed=6, cameras=True, gt_database=False)
+    jpgs = {h for p, h in first.items() if p.endswith(".jpg")}
+    assert jpgs.isdisjoint(h for p, h in _tree_digest(tmp_path / "other").items() if p.endswith(".jpg"))
+
+
+def test_camera_tables_open_in_the_devkit(cam_data):
+    from nuscenes import NuScenes
+    from pyquaternion import Quaternion
+
+    out, summary = cam_data
+    nusc = NuScenes(version="v1.0-mini", dataroot=str(out), verbose=False)
+    width, height = summary["cameras"]["image_size"]
+    for info in _infos(out, "train"):
+        sample = nusc.get("sample", info["token"])
+        assert set(sample["data"]) == {"LIDAR_TOP", *synth.CAMERA_CHANNELS}
+        for channel, cam in info["images"].items():
+            sd = nusc.get("sample_data", sample["data"][channel])
+            assert sd["token"] == cam["sample_data_token"] and sd["is_key_frame"]
+            assert (sd["width"], sd["height"], sd["fileformat"]) == (width, height, "jpg")
+            assert Path(nusc.get_sample_data_path(sd["token"])) == out / "samples" / channel / cam["img_path"]
+            cs = nusc.get("calibrated_sensor", sd["calibrated_sensor_token"])
+            assert cs["camera_intrinsic"] == cam["cam2img"]
+            cam2ego = Quaternion(cs["rotation"]).transformation_matrix
+            cam2ego[:3, 3] = cs["translation"]
+            np.testing.assert_allclose(cam2ego, cam["cam2ego"], atol=1e-12)
+            if sample["prev"]:  # each camera's own sequence
+                assert sd["prev"] == nusc.get("sample", sample["prev"])["data"][channel]
+
+
+def test_camera_data_score_ground_truth_as_one(cam_data):
+    from .test_evaluation import PREFIX, _dataset, _evaluate
+
+    out, _ = cam_data
+    res = _evaluate((out, _dataset(out)), lambda ann: (ann["gt_bboxes_3d"].tensor.numpy(), ann["gt_labels_3d"]))
+    assert res[f"{PREFIX}/mAP"] > 0.99 and res[f"{PREFIX}/NDS"] > 0.99
+
+
+@pytest.mark.parametrize("size", [(16, 9), (384, 216.5), "384x216", (384,)])
+def test_rejects_bad_image_sizes(tmp_path, size):
+    with pytest.raises(ConfigError, match="image_size"):
+        synth.generate(tmp_path / "r", num_train=1, num_val=1, cameras=True, image_size=size)
+    assert not (tmp_path / "r").exists()  # refused before writing anything
