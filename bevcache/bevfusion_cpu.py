@@ -1,4 +1,4 @@
-"""mmdetection3d's BEVFusion (projects/BEVFusion) LiDAR-only without CUDA or its compiled ops.
+"""mmdetection3d's BEVFusion (projects/BEVFusion), LiDAR-only or camera + LiDAR, without CUDA or its compiled ops.
 
 A config switches this on by listing it before the project in `custom_imports`:
 
@@ -10,8 +10,10 @@ nothing.
 
 1. The package imports two extensions built only by `python projects/BEVFusion/setup.py develop`
    (`ops/bev_pool/bev_pool_ext`, `ops/voxel/voxel_layer`). Missing ones get a placeholder module
-   whose functions raise `BEVFusionOpUnavailable`; the LiDAR-only model never calls them. Without
-   CUDA, `bev_pool` (the camera branch's BEV pooling, a CUDA kernel) raises it too.
+   whose functions raise `BEVFusionOpUnavailable` (nothing calls them once 1b and 2 are applied).
+1b. The camera branch's `bev_pool` (a CUDA kernel): without CUDA, or with CUDA when `bev_pool_ext`
+   was not compiled, `bevcache.bev_pool.bev_pool` (same definition, plain torch, differentiable)
+   takes its place, so `DepthLSSTransform` / `LSSTransform` and the fused model run on the CPU.
 2. BEVFusion's own CPU voxelization indexes its z,y,x cell table with x,y,z: it segfaults on a
    non-cubic grid such as BEVFusion's 1440 x 1440 x 41 (on a cubic one it is bit-equal to the
    stand-in). `MMCVVoxelization`, mmcv's kernel of the same algorithm with its coordinate columns
@@ -91,8 +93,8 @@ def _compiled(directory: Path, stem: str) -> bool:
 
 def _unavailable(name: str, why: str):
     def call(*args, **kwargs):
-        raise BEVFusionOpUnavailable(f"{name} is not available: {why}. BEVFusion's LiDAR-only model never calls "
-                                     "it; the camera branch (bev_pool) needs CUDA.")
+        raise BEVFusionOpUnavailable(f"{name} is not available: {why}. bevcache.bevfusion_cpu replaces its callers "
+                                     "(bev_pool by bevcache.bev_pool, voxelization by mmcv's); this call bypassed them.")
 
     call.__name__ = name.rsplit(".", 1)[-1]
     return call
@@ -126,10 +128,15 @@ def activate() -> list[str]:
             module = importlib.import_module(f"{PACKAGE}.{name}")
             module.Voxelization = MMCVVoxelization
         CHANGES.append("voxelization by mmcv.ops.Voxelization (x,y,z columns)")
+    if not cuda or "ops.bev_pool.bev_pool_ext" in missing:
+        from .bev_pool import bev_pool
+
+        # depth_lss looks `bev_pool` up in its own globals (`from .ops import bev_pool`); the ops
+        # packages are patched too for code that imports it from there after us.
+        for name in ("depth_lss", "ops", "ops.bev_pool", "ops.bev_pool.bev_pool"):
+            importlib.import_module(f"{PACKAGE}.{name}").bev_pool = bev_pool
+        CHANGES.append("bev_pool (camera branch) by bevcache.bev_pool (torch)")
     if not cuda:
-        depth_lss = importlib.import_module(f"{PACKAGE}.depth_lss")
-        depth_lss.bev_pool = _unavailable("bev_pool", "this machine has no CUDA")
-        CHANGES.append("bev_pool (camera branch) raises")
         from .compat import patch_spconv_for_cpu
 
         if patch_spconv_for_cpu():
