@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup test demo bench lint quality clean
+.PHONY: setup test demo demo-docs bench lint typecheck quality clean
 
 setup:
 	@bash scripts/setup.sh
@@ -13,6 +13,10 @@ test: setup
 demo: setup
 	$(PY) pipelines/demo.py
 
+# The demo, then its table written into docs/demo (committed; the README quotes it).
+demo-docs: setup
+	$(PY) pipelines/demo.py --update-docs
+
 bench: setup
 	$(PY) benchmarks/run_all.py
 
@@ -20,7 +24,10 @@ quality: setup
 	$(PY) pipelines/quality/run.py
 
 lint: setup
-	$(PY) -m ruff check bevcache tests pipelines benchmarks
+	$(PY) -m ruff check bevcache bevcache_cli.py tests pipelines benchmarks
+
+typecheck: setup
+	$(PY) -m mypy
 
 clean:
 	rm -rf work_dirs .pytest_cache

@@ -124,7 +124,8 @@ def child(args) -> None:
     from mmengine.hooks import Hook
     from mmengine.runner import Runner
 
-    from bevcache.train import TrainOptions, build_train_config, iteration_run
+    from bevcache.train import TrainOptions, build_train_config
+    from tests.conftest import iteration_run  # the suite's short-run helper
 
     class StepStart(Hook):
         t = first = None

@@ -205,7 +205,7 @@ def child(args) -> None:
     from mmengine.runner import Runner
 
     from bevcache.data import set_data_root
-    from bevcache.train import iteration_run
+    from tests.conftest import iteration_run  # the suite's short-run helper
 
     spatial = args.child != "plain"
     cfg = Config.fromfile(str(REPO / "configs" / ("tiny_student_crd.py" if spatial else STUDENT_CFG.name)))

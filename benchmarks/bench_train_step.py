@@ -54,7 +54,7 @@ LABELS = {"plain": "(a) plain student", "cached": "(b) student + cached CRD", "o
 
 def _short_run(cfg, work_dir: Path, iters: int, *, batch_size: int, workers: int, seed: int):
     """Iteration-based, tiny, no validation/checkpoints, constant LR (bevcache.train.iteration_run)."""
-    from bevcache.train import iteration_run
+    from tests.conftest import iteration_run  # the suite's short-run helper
 
     cfg = iteration_run(cfg, work_dir=work_dir, iters=iters, batch_size=batch_size, workers=workers, seed=seed)
     cfg.default_hooks.logger = dict(type="LoggerHook", interval=10)

@@ -10,11 +10,12 @@ import sys
 import click
 
 from . import __version__
-from .errors import BevcacheError, os_error_text
+from .errors import BevcacheError, SettingError, os_error_text
 
 
 def _friendly(fn):
-    """Turn bevcache's own errors into `error: <message>` and a non-zero exit."""
+    """Turn bevcache's own errors into `error: <message>` and a non-zero exit (2 for a bad setting,
+    as click does for a bad option; 1 otherwise)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -22,7 +23,7 @@ def _friendly(fn):
             return fn(*args, **kwargs)
         except BevcacheError as exc:
             click.echo(f"error: {exc}", err=True)
-            sys.exit(1)
+            sys.exit(2 if isinstance(exc, SettingError) else 1)
         except KeyboardInterrupt:
             click.echo("error: interrupted; run the command again (extract and train: with --resume "
                        "to keep what was finished).", err=True)
@@ -52,6 +53,20 @@ class _KeyValues(click.Option):
         return result
 
 
+def _with_models(fn):
+    """Commands that build models or datasets: bevcache's components registered first (the
+    `bevcache` command starts without them so that --help, info and verify stay fast)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from . import register
+
+        register()
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def _cfg_options(help_text: str = "key=value overrides of the config (mmengine --cfg-options semantics)."):
     return click.option("--cfg-options", cls=_KeyValues, multiple=True, help=help_text)
 
@@ -64,11 +79,16 @@ TRUST = click.option("--trust-checkpoint", is_flag=True,
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="bevcache")
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def main(verbose: bool) -> None:
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging, and every third-party warning.")
+@click.pass_context
+def main(ctx: click.Context, verbose: bool) -> None:
     """Distil mmdet3d detectors from a teacher that runs once: extract, then train."""
+    from .quiet import gather_known_warnings
+
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s bevcache %(levelname)s: %(message)s", datefmt="%H:%M:%S")
+    if not verbose:  # known upstream noise: one summary line at the end instead
+        ctx.with_resource(gather_known_warnings())
 
 
 @main.command()
@@ -80,15 +100,21 @@ def main(verbose: bool) -> None:
 @click.option("--version", "version", type=click.Choice(["mini", "trainval", "both"]), default="both", show_default=True,
               help="nuScenes table versions to write (v1.0-mini, v1.0-trainval: BEVFusion evaluates on trainval).")
 @click.option("--no-gt-database", is_flag=True, help="Skip the ground-truth database ObjectSample reads.")
+@click.option("--cameras/--no-cameras", default=False, show_default=True,
+              help="Also render the six nuScenes surround cameras (JPEGs, camera infos and tables); bicycles and "
+                   "motorcycles then differ only in colour, a cue only cameras see (docs/synth_cameras.md).")
+@click.option("--image-size", type=(int, int), default=(384, 216), show_default=True, metavar="W H",
+              help="Camera image width and height (nuScenes: 1600 900).")
 @_friendly
+@_with_models
 def synth(out_dir: str, samples: int, val_samples: int | None, seed: int, sweeps: int, version: str,
-          no_gt_database: bool) -> None:
+          no_gt_database: bool, cameras: bool, image_size: tuple[int, int]) -> None:
     """Write a synthetic nuScenes-format data root (points, v2 infos, nuScenes tables, gt database)."""
     from .synth import generate
 
     summary = generate(out_dir, num_train=samples, num_val=val_samples or max(samples // 4, 2), seed=seed,
                        sweeps=sweeps, progress=True, version="both" if version == "both" else f"v1.0-{version}",
-                       gt_database=not no_gt_database)
+                       gt_database=not no_gt_database, cameras=cameras, image_size=tuple(image_size))
     click.echo(json.dumps(summary, indent=2, default=str))
 
 
@@ -116,6 +142,7 @@ def synth(out_dir: str, samples: int, val_samples: int | None, seed: int, sweeps
 @click.option("--device", default=None, help="e.g. cpu, cuda:0 [default: cuda when available].")
 @click.option("--data-root", default=None, help="Use this data root instead of the config's.")
 @_friendly
+@_with_models
 def extract(**kwargs) -> None:
     """Run the frozen teacher once and cache pooled layer features in a Zarr store."""
     from .extract import ExtractOptions
@@ -163,8 +190,11 @@ def info(store: str, as_json: bool) -> None:
         click.echo(f"views      {data['views']} augmented views per sample (+ the un-augmented one)")
     click.echo(f"teacher    {json.dumps(data.get('teacher'), default=str)}")
     click.echo(f"dataset    {json.dumps(data.get('dataset'), default=str)}")
-    ratio = data.get("compression_ratio")
-    click.echo(f"size       {_size(data.get('bytes_on_disk'))}" + (f" (compression {ratio:.2f}x)" if ratio else ""))
+    size = f"size       {_size(data.get('bytes_on_disk'))} on disk"
+    if data.get("bytes_chunks") is not None:
+        size += (f": {_size(data['bytes_raw'])} of data in {_size(data['bytes_chunks'])} of chunks "
+                 f"({data['compression_ratio']:.2f}x), {_size(data['bytes_metadata'])} of metadata")
+    click.echo(size)
 
 
 @main.command()
@@ -176,30 +206,25 @@ def info(store: str, as_json: bool) -> None:
 def verify(store: str, config: str | None, cfg_options: tuple[str, ...], data_root: str | None) -> None:
     """Read every chunk (checksums), check completeness, NaN/Inf and (with --config) the dataset."""
     from .errors import StoreMismatch
-    from .store import fingerprint_tokens, open_store
+    from .store import open_store
 
     handle = open_store(store)
     problems = handle.verify()
+    checked = f"{handle.num_samples} rows, every chunk read and checksummed"
     if config:
-        from .data import build_base_dataset, dataset_identity, test_pipeline
-        from .runtime import load_config, setup_runtime
+        from . import register
+        from .data import dataset_matches_store
 
-        setup_runtime()
-        cfg = load_config(config, cfg_options)
-        if data_root:
-            from .data import set_data_root
-
-            set_data_root(cfg, data_root)
-        dataset = build_base_dataset(cfg, handle.attrs.get("split", "train"), pipeline=test_pipeline(cfg))
+        register()
         try:
-            handle.check_matches(dataset=fingerprint_tokens(dataset_identity(dataset)[0]))
+            checked += "; " + dataset_matches_store(handle, config, cfg_options, data_root=data_root)
         except StoreMismatch as exc:
             problems.append(str(exc))
     if problems:
         for p in problems:
             click.echo(f"FAIL: {p}", err=True)
         sys.exit(1)
-    click.echo(f"OK: {store} ({handle.num_samples} rows, every chunk read and checksummed)")
+    click.echo(f"OK: {store} ({checked})")
 
 
 @main.command()
@@ -218,7 +243,13 @@ def verify(store: str, config: str | None, cfg_options: tuple[str, ...], data_ro
 @TRUST
 @click.option("--plain", is_flag=True, help="Ignore any distill section: the baseline student.")
 @click.option("--data-root", default=None, help="Use this data root instead of the config's.")
+@click.option("--max-iters", type=int, default=None,
+              help="Train N iterations (an iteration loop; epoch schedules squeezed into N iterations; no validation "
+                   "unless --val-interval). For a first short run.")
+@click.option("--max-epochs", type=int, default=None, help="Train N epochs (schedules rescaled to N epochs).")
+@click.option("--val-interval", type=int, default=None, help="Validate every K epochs (or iterations with --max-iters).")
 @_friendly
+@_with_models
 def train(**kwargs) -> None:
     """Train the student with its task loss + alpha * CRD against cached teacher features."""
     from .train import TrainOptions
@@ -235,6 +266,7 @@ def train(**kwargs) -> None:
 @click.argument("out", type=click.Path())
 @TRUST
 @_friendly
+@_with_models
 def export_student(checkpoint: str, out: str, trust_checkpoint: bool) -> None:
     """Save the plain student weights of a bevcache checkpoint (loadable without bevcache)."""
     from .teacher import export_student as run

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import SettingError
+
 
 class CRDLoss(nn.Module):
     """CRD for one distilled layer: student/teacher embeds + two memory banks + NCE loss."""
@@ -45,16 +47,16 @@ class CRDLoss(nn.Module):
     ) -> None:
         super().__init__()
         if not 1 <= nce_k <= num_data - 1:
-            raise ValueError(
+            raise SettingError(
                 f"nce_k must be in [1, num_data - 1] = [1, {num_data - 1}]. Got nce_k={nce_k}; "
                 f"lower nce_k (negatives are drawn from the other {num_data - 1} samples)."
             )
         if nce_t <= 0:
-            raise ValueError(f"nce_t must be > 0. Got {nce_t}.")
+            raise SettingError(f"nce_t must be > 0. Got {nce_t}.")
         if not 0 <= nce_m < 1:
-            raise ValueError(f"nce_m must be in [0, 1). Got {nce_m}.")
+            raise SettingError(f"nce_m must be in [0, 1). Got {nce_m}.")
         if z_momentum is not None and not 0 <= z_momentum < 1:
-            raise ValueError(f"z_momentum must be None or in [0, 1). Got {z_momentum}.")
+            raise SettingError(f"z_momentum must be None or in [0, 1). Got {z_momentum}.")
         self.num_data, self.feat_dim, self.nce_k = num_data, feat_dim, nce_k
         self.nce_t, self.nce_m, self.z_momentum, self.eps = nce_t, nce_m, z_momentum, eps
 

@@ -96,10 +96,31 @@ def build_base_dataset(cfg: Any, split: str = "train", *, pipeline: list | None 
     return dataset
 
 
+# Datasets whose summary table mmdet3d already printed in this process (ann_file, test_mode); a
+# launcher whose Runner prints it anyway marks its own builds as repeats (`summary_shown`).
+_SUMMARY_SHOWN: set = set()
+
+
+def summary_shown(ds_cfg: Any) -> None:
+    """Count a dataset's summary as printed: later bevcache builds of it stay quiet."""
+    _SUMMARY_SHOWN.add((str(unwrap_dataset_cfg(ds_cfg).get("ann_file")), bool(ds_cfg.get("test_mode"))))
+
+
 def build_dataset_cfg(ds_cfg: Any, what: str, *, key: str = "dataset", pipeline_key: str | None = None):
-    """DATASETS.build(ds_cfg); a missing data file is named by its config key (`key` is the dataset's)."""
+    """DATASETS.build(ds_cfg); a missing data file is named by its config key (`key` is the dataset's).
+    mmdet3d's summary table is printed for the first build of a dataset only."""
     from mmdet3d.registry import DATASETS
 
+    from .quiet import dataset_summary_hidden
+
+    summary_key = (str(ds_cfg.get("ann_file")), bool(ds_cfg.get("test_mode")))
+    with dataset_summary_hidden(summary_key in _SUMMARY_SHOWN):
+        dataset = _build_dataset(DATASETS, ds_cfg, what, key=key, pipeline_key=pipeline_key)
+    _SUMMARY_SHOWN.add(summary_key)
+    return dataset
+
+
+def _build_dataset(DATASETS, ds_cfg: Any, what: str, *, key: str, pipeline_key: str | None):  # noqa: N803
     paths = list(data_paths(ds_cfg, key, pipeline_key=pipeline_key))
     for name, path in paths:
         if _is_local(path) and not os.path.exists(path):
@@ -127,17 +148,19 @@ def _join(root: Any, path: str) -> str:
     return path if not root or os.path.isabs(path) or "://" in path else os.path.join(str(root), path)
 
 
-def data_paths(ds_cfg: Any, key: str, *, pipeline_key: str | None = None) -> Iterator[tuple[str, str]]:
+def data_paths(ds_cfg: Any, key: str, *, pipeline_key: str | None = None,
+               pipeline_files: bool = True) -> Iterator[tuple[str, str]]:
     """(config key, path) of every data file a dataset config reads: ann_file (through wrappers)
-    and every database info file (`info_path`, e.g. ObjectSample's db_sampler) in its pipeline."""
+    and, with `pipeline_files`, every database info file (`info_path`, e.g. ObjectSample's
+    db_sampler) in its pipeline."""
     if ds_cfg.get("ann_file"):
         yield f"{key}.ann_file", _join(ds_cfg.get("data_root"), str(ds_cfg["ann_file"]))
-    if isinstance(ds_cfg.get("pipeline"), (list, tuple)):
+    if pipeline_files and isinstance(ds_cfg.get("pipeline"), (list, tuple)):
         yield from _info_paths(ds_cfg["pipeline"], pipeline_key or f"{key}.pipeline")
     if isinstance(ds_cfg.get("dataset"), dict):
-        yield from data_paths(ds_cfg["dataset"], f"{key}.dataset")
+        yield from data_paths(ds_cfg["dataset"], f"{key}.dataset", pipeline_files=pipeline_files)
     for i, sub in enumerate(ds_cfg.get("datasets") or []):
-        yield from data_paths(sub, f"{key}.datasets[{i}]")
+        yield from data_paths(sub, f"{key}.datasets[{i}]", pipeline_files=pipeline_files)
 
 
 def _info_paths(node: Any, key: str) -> Iterator[tuple[str, str]]:
@@ -151,13 +174,16 @@ def _info_paths(node: Any, key: str) -> Iterator[tuple[str, str]]:
             yield from _info_paths(v, f"{key}[{i}]")
 
 
-def check_data_files(cfg: Any, loaders: Sequence[str] = tuple(SPLIT_LOADERS.values())) -> None:
+def check_data_files(cfg: Any, loaders: Sequence[str] = tuple(SPLIT_LOADERS.values()), *,
+                     pipeline_files: bool = True) -> None:
     """Refuse (ConfigError) a config whose dataloaders or evaluators name a local data file that
-    does not exist, naming the config key, e.g. `train_dataloader.dataset.pipeline[3].db_sampler.info_path`."""
+    does not exist, naming the config key, e.g. `train_dataloader.dataset.pipeline[3].db_sampler.info_path`.
+    `pipeline_files=False`: the loaders' pipelines will not run (e.g. extraction without views runs
+    the test pipeline), so their database files are not needed."""
     found: list[tuple[str, str]] = []
     for name in loaders:
         if cfg.get(name) and isinstance(cfg[name].get("dataset"), dict):
-            found += data_paths(cfg[name]["dataset"], f"{name}.dataset")
+            found += data_paths(cfg[name]["dataset"], f"{name}.dataset", pipeline_files=pipeline_files)
     for name in ("val_evaluator", "test_evaluator"):
         ev = cfg.get(name)
         for i, item in enumerate(ev if isinstance(ev, (list, tuple)) else [ev] if ev else []):
@@ -321,3 +347,22 @@ def find_wrapper(dataset: Any, kind: type) -> Any:
             return dataset
         dataset = getattr(dataset, "dataset", None)
     return None
+
+
+def dataset_matches_store(store: Any, config: str, cfg_options: Sequence[str] = (), *,
+                          data_root: str | None = None) -> str:
+    """Check that `store` was extracted from the dataset `config` builds (same ordered tokens) and
+    say what was compared; raises StoreMismatch naming the difference."""
+    from .runtime import load_config, setup_runtime
+    from .store import fingerprint_tokens
+
+    setup_runtime()
+    cfg = load_config(config, cfg_options)
+    if data_root:
+        set_data_root(cfg, data_root)
+    split = store.attrs.get("split", "train")
+    dataset = build_base_dataset(cfg, split, pipeline=test_pipeline(cfg))
+    fingerprint = fingerprint_tokens(dataset_identity(dataset)[0])
+    store.check_matches(dataset=fingerprint)
+    return (f"the {split} split of {config} matches it: {fingerprint['length']} samples in the same order, "
+            f"token sha256 {fingerprint['sha256'][:12]}")

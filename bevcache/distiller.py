@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .crd import CRDLoss
 from .data import batch_rows
-from .errors import ConfigError, LayerError, StoreError, StoreMismatch
+from .errors import ConfigError, LayerError, SettingError, StoreError, StoreMismatch
 from .features import POOLINGS, LayerRecorder, pool_output
 from .replay import DIGEST_META, VIEW_META
 
@@ -48,6 +48,92 @@ def resolve_augmentation(policy: str, *, store_views: int = 0, spatial: bool = F
 SPATIAL_DEFAULTS = dict(layers={"pts_neck": "pts_neck"}, weight=1.0, loss="mse", fg_weight=1.0, bg_weight=0.1,
                         contrastive=False, contrastive_weight=0.1, tau=0.1, bev_range=None, grid=None,
                         min_radius=2, overlap=0.1, ignore_non_warpable=False, channels=None)
+
+
+def _bad(key: str, allowed: str, value) -> SettingError:
+    return SettingError(f"CRDDistiller: {key} must be {allowed}. Got {value!r}.")
+
+
+def _number(key: str, value, *, low: float | None = None, high: float | None = None, low_open: bool = False,
+            high_open: bool = False, integer: bool = False, allowed: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not float(value).is_integer()):
+        raise _bad(key, allowed, value)
+    if value != value or (low is not None and (value <= low if low_open else value < low)) or \
+            (high is not None and (value >= high if high_open else value > high)):
+        raise _bad(key, allowed, value)
+
+
+def check_settings(*, alpha, feat_dim, nce_k, nce_t, nce_m, z_momentum, augmentation, views, layers, pooling) -> None:
+    """Every distiller setting within its range, before anything is built (one SettingError naming the key)."""
+    _number("alpha", alpha, low=0, allowed="a number >= 0 (the weight of the CRD loss)")
+    _number("feat_dim", feat_dim, low=1, integer=True, allowed="an integer >= 1 (the CRD embedding width)")
+    _number("nce_k", nce_k, low=1, integer=True, allowed="an integer >= 1 (negatives per sample; clamped to num_data - 1)")
+    _number("nce_t", nce_t, low=0, low_open=True, allowed="a number > 0 (the NCE temperature, e.g. 0.07)")
+    _number("nce_m", nce_m, low=0, high=1, high_open=True, allowed="in [0, 1) (the memory bank momentum, e.g. 0.5)")
+    if z_momentum is not None:
+        _number("z_momentum", z_momentum, low=0, high=1, high_open=True, allowed="None or in [0, 1)")
+    if augmentation not in AUGMENTATION_POLICIES:
+        raise _bad("augmentation", f"one of {list(AUGMENTATION_POLICIES)}", augmentation)
+    if views is not None:
+        _number("views", views, low=1, integer=True, allowed="None (from the store) or an integer >= 1")
+    if layers is not None and (not isinstance(layers, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in layers.items())):
+        raise _bad("layers", "a dict of student layer name -> teacher layer name, e.g. dict(pts_neck='pts_neck')",
+                   layers)
+    given = [pooling] if isinstance(pooling, str) or pooling is None else (
+        list(pooling.values()) if isinstance(pooling, dict) else [pooling])
+    if any(p is not None and p not in POOLINGS for p in given):
+        raise _bad("pooling", f"None (from the store), one of {list(POOLINGS)} or a dict layer -> one of them", pooling)
+
+
+def check_model_cfg(model: dict) -> None:
+    """check_settings on a CRDDistiller model config (absent keys: the signature's defaults), for a
+    launcher that reads the settings before the distiller is built."""
+    import inspect
+
+    params = inspect.signature(CRDDistiller.__init__).parameters
+    names = ("alpha", "feat_dim", "nce_k", "nce_t", "nce_m", "z_momentum", "augmentation", "views", "layers", "pooling")
+    check_settings(**{n: model.get(n, params[n].default) for n in names})
+    if model.get("spatial"):
+        unknown = set(model["spatial"]) - set(SPATIAL_DEFAULTS) if isinstance(model["spatial"], dict) else {"?"}
+        if unknown:
+            raise SettingError(f"CRDDistiller: spatial must be a dict of settings among {sorted(SPATIAL_DEFAULTS)}. "
+                               f"Got {model['spatial']!r}.")
+        _check_spatial_values({**SPATIAL_DEFAULTS, **model["spatial"]})
+
+
+def _check_spatial_values(settings: dict) -> None:
+    _number("spatial.weight", settings["weight"], low=0, allowed="a number >= 0")
+    from .spatial import LOSSES
+
+    if settings["loss"] not in LOSSES:
+        raise _bad("spatial.loss", f"one of {list(LOSSES)}", settings["loss"])
+    for key in ("fg_weight", "bg_weight", "contrastive_weight"):
+        _number(f"spatial.{key}", settings[key], low=0, allowed="a number >= 0")
+    if settings["fg_weight"] + settings["bg_weight"] == 0:
+        raise _bad("spatial.fg_weight + spatial.bg_weight", "> 0 (some cells must count)", 0)
+    _number("spatial.tau", settings["tau"], low=0, low_open=True, allowed="a number > 0")
+    _number("spatial.min_radius", settings["min_radius"], low=0, integer=True, allowed="an integer >= 0")
+    _number("spatial.overlap", settings["overlap"], low=0, high=1, low_open=True, high_open=True, allowed="in (0, 1)")
+    grid = settings["grid"]
+    if grid is not None and not (isinstance(grid, (list, tuple)) and len(grid) == 2 and all(
+            isinstance(g, int) and g >= 1 for g in grid)):
+        raise _bad("spatial.grid", "None (from the store) or (h, w), two integers >= 1", grid)
+    layers = settings["layers"]
+    if not isinstance(layers, dict) or not layers or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in layers.items()):
+        raise _bad("spatial.layers", "a non-empty dict of student layer -> teacher layer", layers)
+
+
+def _check_registered(student: dict) -> None:
+    """A student type the registries do not know (its package never imported) is named, with the fix."""
+    kind = student.get("type") if isinstance(student, dict) else None
+    if isinstance(kind, str) and MODELS.get(kind) is None:
+        raise ConfigError(
+            f"CRDDistiller: the student's type {kind!r} is not registered in mmdet3d's MODELS: the module that "
+            "defines it was never imported. Keep the config's own imports when adding bevcache, e.g. "
+            "custom_imports = dict(imports=['projects.BEVFusion.bevfusion', 'bevcache']) (not imports=['bevcache'] "
+            "alone, which replaces the base config's list).")
 
 
 def _key(layer: str) -> str:
@@ -91,21 +177,16 @@ class CRDDistiller(BaseModel):
         # Data is preprocessed by the student's (and teacher's) own preprocessors in forward:
         # their voxelisation settings may differ. Ours only moves data to the device.
         super().__init__(data_preprocessor=dict(type="mmengine.BaseDataPreprocessor"), init_cfg=init_cfg)
-        if alpha < 0:
-            raise ConfigError(f"CRDDistiller: alpha must be >= 0. Got {alpha}.")
+        check_settings(alpha=alpha, feat_dim=feat_dim, nce_k=nce_k, nce_t=nce_t, nce_m=nce_m, z_momentum=z_momentum,
+                       augmentation=augmentation, views=views, layers=layers, pooling=pooling)
         if (cache is None) == (teacher is None):
             raise ConfigError("CRDDistiller needs exactly one of `cache` (a store from `bevcache extract`) or "
                               "`teacher` (a teacher model config, the online reference).")
-        if augmentation not in AUGMENTATION_POLICIES:
-            raise ConfigError(f"CRDDistiller: augmentation must be one of {list(AUGMENTATION_POLICIES)}. "
-                              f"Got {augmentation!r}.")
+        _check_registered(student)
         self.layers = dict({"pts_neck": "pts_neck"} if layers is None else layers)  # {}: no CRD
         self.spatial_cfg = self._spatial_settings(spatial, student)
         if not self.layers and not self.spatial_cfg:
             raise ConfigError("CRDDistiller distils nothing: give `layers` (CRD) and/or `spatial` (BEV maps).")
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.layers.items()):
-            raise ConfigError("CRDDistiller: layers must map student layer names to teacher layer names, "
-                              f"e.g. dict(pts_neck='pts_neck'). Got {layers!r}.")
         self.alpha = float(alpha)
         store = None
         if cache is not None:
@@ -118,6 +199,7 @@ class CRDDistiller(BaseModel):
         self.replay = self.augmentation == "replay"
         self.num_views = views
         self.view_digests = None
+        self.augmentation_order: tuple[str, ...] | None = None  # the warp's recorders, set with the train data
         self.teacher = None
         self.store_tokens: list[str] | None = None
         self.data_attached = False
@@ -175,13 +257,19 @@ class CRDDistiller(BaseModel):
             return {}
         unknown = set(spatial) - set(SPATIAL_DEFAULTS)
         if unknown:
-            raise ConfigError(f"CRDDistiller: unknown spatial settings {sorted(unknown)}; known: {sorted(SPATIAL_DEFAULTS)}.")
+            raise SettingError(f"CRDDistiller: unknown spatial settings {sorted(unknown)}; known: {sorted(SPATIAL_DEFAULTS)}.")
         settings = {**SPATIAL_DEFAULTS, **spatial}
+        _check_spatial_values(settings)
         if settings["bev_range"] is None:
-            pcr = ((student.get("data_preprocessor") or {}).get("voxel_layer") or {}).get("point_cloud_range")
+            preprocessor = student.get("data_preprocessor") or {}
+            # mmdet3d keeps the range in voxel_layer, BEVFusion in voxelize_cfg
+            pcr = next((section.get("point_cloud_range") for section in (
+                preprocessor.get("voxel_layer") or {}, preprocessor.get("voxelize_cfg") or {})
+                if section.get("point_cloud_range") is not None), None)
             if pcr is None:
                 raise ConfigError("CRDDistiller: spatial.bev_range (x_min, y_min, x_max, y_max in metres, the extent "
-                                  "of the teacher's BEV map) is needed: the student has no voxel_layer.point_cloud_range.")
+                                  "of the teacher's BEV map) is needed: the student's data_preprocessor has no "
+                                  "voxel_layer.point_cloud_range or voxelize_cfg.point_cloud_range.")
             settings["bev_range"] = (pcr[0], pcr[1], pcr[3], pcr[4])
         settings["bev_range"] = tuple(float(v) for v in settings["bev_range"])
         return settings
@@ -324,7 +412,8 @@ class CRDDistiller(BaseModel):
             h, w = teacher.shape[-2:]
             valid = None
             if self.augmentation == "warp" and self.teacher is None:
-                transforms = torch.as_tensor(np.stack([bev_transform(d.metainfo) for d in data_samples]),
+                transforms = torch.as_tensor(np.stack([bev_transform(d.metainfo, self.augmentation_order)
+                                                       for d in data_samples]),
                                              dtype=torch.float32, device=teacher.device)  # [B, 3, 3]
                 teacher, valid = warp_bev(teacher, transforms, c["bev_range"])
             fg = torch.stack([gaussian_foreground(d.gt_instances_3d.bboxes_3d, c["bev_range"], (h, w),

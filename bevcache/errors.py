@@ -10,6 +10,11 @@ class ConfigError(BevcacheError):
     """A config, option or argument is missing or invalid."""
 
 
+class SettingError(ConfigError, ValueError):
+    """A setting's value is outside its allowed range (a usage error: the CLI exits with 2, as click
+    does). Also a ValueError, which is what a loss module given a bad argument raises."""
+
+
 class LayerError(BevcacheError):
     """A requested layer does not exist or produced no output."""
 
@@ -24,6 +29,10 @@ class StoreMismatch(StoreError):
 
 class FeatureValueError(BevcacheError):
     """A teacher produced NaN/Inf; the sample index is named so nothing garbage is cached."""
+
+
+class TrainingInterrupted(BevcacheError):
+    """Training stopped on SIGINT/SIGTERM; the message names the checkpoint to resume from."""
 
 
 def os_error_text(exc: OSError) -> str:

@@ -35,7 +35,7 @@ from .data import (
     set_data_root,
     test_pipeline,
 )
-from .errors import ConfigError, FeatureValueError, StoreError, StoreMismatch
+from .errors import ConfigError, FeatureValueError, SettingError, StoreError, StoreMismatch
 from .features import POOLINGS, LayerRecorder
 from .guard import interruptible
 from .replay import DIGEST_META, SEED_SCHEME, ReplayViewsDataset, pipeline_record
@@ -283,13 +283,13 @@ def _settings(opts: ExtractOptions, cfg) -> dict:
     if isinstance(merged["layers"], str):
         merged["layers"] = [x for x in merged["layers"].split(",") if x]
     if merged["pooling"] not in POOLINGS:
-        raise ConfigError(f"pooling must be one of {list(POOLINGS)}. Got {merged['pooling']!r}.")
+        raise SettingError(f"pooling must be one of {list(POOLINGS)}. Got {merged['pooling']!r}.")
     if merged["dtype"] not in ("float16", "float32"):
-        raise ConfigError(f"dtype must be one of ['float16', 'float32']. Got {merged['dtype']!r}.")
+        raise SettingError(f"dtype must be one of ['float16', 'float32']. Got {merged['dtype']!r}.")
     if int(merged["batch_size"]) < 1 or int(merged["chunk_rows"]) < 1:
-        raise ConfigError("batch_size and chunk_rows must be positive integers.")
+        raise SettingError("batch_size and chunk_rows must be positive integers.")
     if int(merged["views"]) < 0:
-        raise ConfigError(f"views must be >= 0 (0: no augmented views). Got {merged['views']}.")
+        raise SettingError(f"views must be >= 0 (0: no augmented views). Got {merged['views']}.")
     merged["spatial"] = parse_spatial_grids(merged["spatial"])
     if merged["spatial"] and opts.chunk_rows is None and "chunk_rows" not in section:
         # A block (one shard per map) is held in memory until written: 32 rows of a 512 x 90 x 90
@@ -397,7 +397,9 @@ def extract(opts: ExtractOptions) -> dict:
     cfg = load_config(opts.config, opts.cfg_options)
     if opts.data_root:
         set_data_root(cfg, opts.data_root)
-    check_data_files(cfg, loaders=(SPLIT_LOADERS[_settings(opts, cfg)["split"]],))
+    # Without views only the test pipeline runs: the train pipeline's database files are not read.
+    check_data_files(cfg, loaders=(SPLIT_LOADERS[_settings(opts, cfg)["split"]],),
+                     pipeline_files=bool(int(_settings(opts, cfg)["views"])))
     init_distributed(opts.launcher, cfg)
     rank, world = get_dist_info()
     settings = _settings(opts, cfg)

@@ -29,15 +29,11 @@ import torch
 from mmdet3d.registry import HOOKS
 from mmengine.hooks import Hook
 
-from .errors import BevcacheError, StoreMismatch
+from .errors import BevcacheError, StoreMismatch, TrainingInterrupted
 
 log = logging.getLogger("bevcache")
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-class TrainingInterrupted(BevcacheError):
-    """Training stopped on SIGINT/SIGTERM; the message names the checkpoint to resume from."""
 
 
 class InterruptState:

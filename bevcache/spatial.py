@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import SettingError
+
 LOSSES = ("mse", "cosine")
 
 
@@ -49,13 +51,13 @@ class SpatialDistillLoss(nn.Module):
     ) -> None:
         super().__init__()
         if loss not in LOSSES:
-            raise ValueError(f"loss must be one of {list(LOSSES)}. Got {loss!r}.")
+            raise SettingError(f"loss must be one of {list(LOSSES)}. Got {loss!r}.")
         if fg_weight < 0 or bg_weight < 0 or fg_weight + bg_weight == 0:
-            raise ValueError(f"fg_weight and bg_weight must be >= 0, not both 0. Got {fg_weight}, {bg_weight}.")
+            raise SettingError(f"fg_weight and bg_weight must be >= 0, not both 0. Got {fg_weight}, {bg_weight}.")
         if tau <= 0:
-            raise ValueError(f"tau must be > 0. Got {tau}.")
+            raise SettingError(f"tau must be > 0. Got {tau}.")
         if max_cells < 2:
-            raise ValueError(f"max_cells must be >= 2 (one positive, one negative). Got {max_cells}.")
+            raise SettingError(f"max_cells must be >= 2 (one positive, one negative). Got {max_cells}.")
         self.loss, self.fg_weight, self.bg_weight = loss, float(fg_weight), float(bg_weight)
         self.contrastive, self.tau, self.max_cells = contrastive, float(tau), int(max_cells)
         self.fg_threshold, self.eps = float(fg_threshold), float(eps)

@@ -20,15 +20,16 @@ import torch
 
 from .data import (
     INDEX_PRESERVING_WRAPPERS,
+    base_dataset_cfg,
     build_base_dataset,
     check_data_files,
     ensure_index_meta,
     set_data_root,
+    summary_shown,
     test_pipeline,
     unwrap_dataset_cfg,
 )
-from .distiller import AUGMENTATION_POLICIES
-from .errors import ConfigError
+from .errors import ConfigError, SettingError
 from .runtime import (
     check_writable_location,
     init_distributed,
@@ -36,13 +37,13 @@ from .runtime import (
     parse_cfg_options,
     setup_runtime,
 )
+from .schedule import set_run_length
 
 log = logging.getLogger("bevcache")
 
-# The `distill = dict(...)` section of the older config form, and its defaults.
-DISTILL_DEFAULTS = dict(cache=None, layers={"pts_neck": "pts_neck"}, alpha=1.0, feat_dim=128, nce_k=16384,
-                        nce_t=0.07, nce_m=0.5, z_momentum=None, pooling=None, augmentation="auto", views=None,
-                        spatial=None)
+# Distiller arguments that are not `distill` settings (the launcher or the store fills them in).
+NOT_SETTINGS = ("self", "student", "teacher", "teacher_checkpoint", "trust_checkpoint", "num_data", "student_dims",
+                "teacher_dims", "init_cfg")
 # Hooks every distillation run gets (a config may list them itself).
 DISTILL_HOOKS = ("DistillationHook", "StudentExportHook")
 
@@ -64,30 +65,38 @@ class TrainOptions:
     trust_checkpoint: bool = False
     plain: bool = False
     data_root: str | None = None
+    max_iters: int | None = None  # a short run (bevcache.schedule)
+    max_epochs: int | None = None
+    val_interval: int | None = None
+
+
+def distill_setting_names() -> tuple[str, ...]:
+    """The keys a `distill = dict(...)` section may set: CRDDistiller's own arguments, whose
+    signature holds their defaults (one place)."""
+    import inspect
+
+    from .distiller import CRDDistiller
+
+    return tuple(p for p in inspect.signature(CRDDistiller.__init__).parameters if p not in NOT_SETTINGS)
 
 
 def _distill_settings(cfg, opts: TrainOptions) -> dict:
-    settings = {**DISTILL_DEFAULTS, **dict(cfg.get("distill", {}) or {})}
+    """The settings given (config section + --distill + --cache); absent ones take the distiller's defaults."""
+    settings = dict(cfg.get("distill", {}) or {})
     settings.update(parse_cfg_options(opts.distill_options))
-    unknown = set(settings) - set(DISTILL_DEFAULTS)
+    known = distill_setting_names()
+    unknown = set(settings) - set(known)
     if unknown:  # (a dotted override such as spatial.grid=... is not merged: pass spatial={...} whole)
-        raise ConfigError(f"unknown distill settings {sorted(unknown)}; known: {sorted(DISTILL_DEFAULTS)} "
-                          "(a nested setting is passed whole, e.g. --distill \"spatial={'grid': (16, 16)}\").")
+        raise SettingError(f"unknown distill settings {sorted(unknown)}; known: {sorted(known)} "
+                           "(a nested setting is passed whole, e.g. --distill \"spatial={'grid': (16, 16)}\").")
     if opts.cache:
         settings["cache"] = opts.cache
-    if settings["augmentation"] not in AUGMENTATION_POLICIES:
-        raise ConfigError(f"distill.augmentation must be one of {list(AUGMENTATION_POLICIES)}. Got {settings['augmentation']!r}.")
-    return settings
+    return {k: v for k, v in settings.items() if v is not None}
 
 
 def distiller_model_cfg(student: dict, settings: dict) -> dict:
     """The CRDDistiller model config for a student model and `distill` settings."""
-    keys = ("layers", "alpha", "feat_dim", "nce_k", "nce_t", "nce_m", "z_momentum", "pooling", "augmentation", "views",
-            "spatial")
-    model = dict(type="CRDDistiller", student=student, **{k: settings[k] for k in keys if settings[k] is not None})
-    if settings.get("cache"):
-        model["cache"] = settings["cache"]
-    return model
+    return dict(type="CRDDistiller", student=student, **settings)
 
 
 def _world_size(launcher: str) -> int:
@@ -105,10 +114,12 @@ def build_train_config(opts: TrainOptions):
     check_data_files(cfg, loaders=("train_dataloader",))  # a missing file is named by its config key
     cfg.work_dir = opts.work_dir or cfg.get("work_dir") or f"work_dirs/{Path(opts.student).stem}"
     check_writable_location(cfg.work_dir, "--work-dir")  # before the store or any model is touched
+    summary_shown(base_dataset_cfg(cfg, "train"))  # the Runner prints the dataset's summary; bevcache's builds stay quiet
     build_base_dataset(cfg, "train", pipeline=[])  # an empty or unreadable dataset is one line, before the Runner
     if opts.resume not in (None, "auto") and not Path(opts.resume).is_file():
         raise ConfigError(f"--resume {opts.resume}: no such checkpoint; pass an existing .pth or --resume alone "
                           "for the work dir's last checkpoint.")
+    set_run_length(cfg, max_iters=opts.max_iters, max_epochs=opts.max_epochs, val_interval=opts.val_interval)
     cfg.launcher = opts.launcher
     if opts.launcher != "none":
         init_distributed(opts.launcher, cfg)  # the Runner reuses the group
@@ -139,7 +150,7 @@ def build_train_config(opts: TrainOptions):
     else:
         settings = _distill_settings(cfg, opts)
         cfg.pop("distill", None)
-        if opts.plain or (not online and not settings["cache"]):
+        if opts.plain or (not online and not settings.get("cache")):
             log.info("no cache and no online teacher: training the student plainly (baseline)")
             cfg.custom_hooks = [*cfg.get("custom_hooks", []), dict(type="StudentExportHook")]
             return cfg
@@ -151,6 +162,9 @@ def build_train_config(opts: TrainOptions):
                      trust_checkpoint=opts.trust_checkpoint)
         model["num_data"] = len(build_base_dataset(cfg, "train", pipeline=test_pipeline(cfg)))
     cfg.model = model
+    from .distiller import check_model_cfg
+
+    check_model_cfg(model)  # the wrappers below read these settings before the distiller is built
     if model.get("augmentation", "auto") == "auto" and model.get("cache"):
         from .distiller import resolve_augmentation
         from .store import open_store
@@ -251,22 +265,3 @@ def train(opts: TrainOptions):
         runner = Runner.from_cfg(cfg)
         run_guarded(runner, interrupt)
     return runner
-
-
-def iteration_run(cfg, *, work_dir: str | Path, iters: int, batch_size: int = 2, workers: int = 0,
-                  seed: int = 0, checkpoint_interval: int | None = None, shuffle: bool = True):
-    """Turn a Runner config into a short iteration-based run (tests, benchmarks, smoke checks):
-    `iters` steps at constant LR, no validation, checkpoints every `checkpoint_interval` steps."""
-    cfg.work_dir = str(work_dir)
-    cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=iters, val_interval=10**9)
-    cfg.param_scheduler = []
-    cfg.default_hooks.checkpoint = dict(type="CheckpointHook", interval=checkpoint_interval or 10**9,
-                                        by_epoch=False, save_last=checkpoint_interval is not None)
-    cfg.default_hooks.logger = dict(type="LoggerHook", interval=1)
-    cfg.log_processor = dict(type="LogProcessor", window_size=1, by_epoch=False)
-    cfg.train_dataloader.update(batch_size=batch_size, num_workers=workers, persistent_workers=False,
-                                sampler=dict(type="InfiniteSampler", shuffle=shuffle))
-    cfg.val_dataloader = cfg.val_cfg = cfg.val_evaluator = None
-    cfg.test_dataloader = cfg.test_cfg = cfg.test_evaluator = None
-    cfg.randomness = dict(seed=seed, deterministic=False)
-    return cfg

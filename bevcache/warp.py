@@ -16,7 +16,7 @@ Conventions (all verified against mmdet3d 1.4.0, see tests/test_warp.py):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -145,8 +145,103 @@ def _keyed_transform(meta: Mapping[str, Any]) -> np.ndarray | None:
     return a
 
 
-def bev_transform(metainfo: Mapping[str, Any]) -> np.ndarray:
-    """3x3 float64 affine of (x, y, 1) columns from the un-augmented to the augmented LiDAR frame."""
+# How each augmentation transform records itself: mmdet3d's in pcd_* keys and transformation_3d_flow
+# ("keyed": the ops it appends), BEVFusion's flip only in lidar_aug_matrix ("matrix"), BEVFusion's
+# rotation/scale/translation in both.
+RECORDERS: dict[str, tuple[str, tuple[str, ...] | None]] = {
+    "GlobalRotScaleTrans": ("keyed", ("R", "S", "T")),
+    "RandomFlip3D": ("keyed", None),  # appends HF and/or VF, or nothing when it did not flip
+    "BEVFusionGlobalRotScaleTrans": ("both", ("R", "T", "S")),
+    "BEVFusionRandomFlip3D": ("matrix", ()),
+}
+
+
+def augmentation_order(transform_names: Iterable[str]) -> tuple[str, ...]:
+    """The train pipeline's augmentation recorders in order, checked composable: at most one transform
+    that records only lidar_aug_matrix (its matrix is what the others' records leave unexplained)."""
+    order = tuple(n for n in transform_names if n in RECORDERS)
+    matrix_only = [n for n in order if RECORDERS[n][0] == "matrix"]
+    if len(matrix_only) > 1:
+        raise WarpError(f"the train pipeline has {len(matrix_only)} transforms that record only lidar_aug_matrix "
+                        f"({matrix_only}): their separate effects cannot be told apart. Keep one of them.")
+    keyed = [n for n in order if RECORDERS[n][0] in ("keyed", "both")]
+    repeated = sorted({n for n in keyed if keyed.count(n) > 1})
+    if repeated or ("GlobalRotScaleTrans" in keyed and "BEVFusionGlobalRotScaleTrans" in keyed):
+        raise WarpError(f"the train pipeline repeats rotation/flip transforms {keyed}: a second one overwrites "
+                        "the first one's pcd_* record. Use one rotation/scale/translation and one flip transform.")
+    return order
+
+
+def _composed(metainfo: Mapping[str, Any], order: Sequence[str]) -> np.ndarray:
+    """Each recorder's own 3x3 from its part of the record, multiplied in pipeline order."""
+    flow = list(metainfo.get("transformation_3d_flow") or [])
+    ops = _keyed_ops(metainfo, flow) if flow else {}
+    recorded = metainfo.get("lidar_aug_matrix")
+    matrix = np.eye(3)
+    if recorded is not None:
+        m = _array(recorded)
+        if m.shape != (4, 4) or not np.allclose([*m[2, :2], *m[:2, 2]], 0, atol=1e-6):
+            raise WarpError("lidar_aug_matrix must be a 4x4 whose rotation is about z only to be a BEV warp. "
+                            f"Got {m.tolist()}.")
+        matrix[:2, :2], matrix[:2, 2] = m[:2, :2], m[:2, 3]
+    own: list[np.ndarray | None] = []
+    position = 0
+    for name in order:
+        kind, appends = RECORDERS[name]
+        if kind == "matrix":
+            own.append(None)  # solved below from lidar_aug_matrix
+            continue
+        if appends is None:  # a flip: whatever HF/VF it appended
+            segment = []
+            while position < len(flow) and flow[position] in ("HF", "VF"):
+                segment.append(flow[position])
+                position += 1
+        else:
+            segment = flow[position:position + len(appends)]
+            if segment != list(appends):
+                raise WarpError(f"transformation_3d_flow {flow} does not hold {name}'s ops {list(appends)} where the "
+                                f"pipeline order {list(order)} puts them; keep 'transformation_3d_flow' and the "
+                                "pcd_* keys in Pack3DDetInputs' meta_keys.")
+            position += len(appends)
+        a = np.eye(3)
+        for op in segment:
+            a = ops[op] @ a
+        own.append(a)
+    if position != len(flow):
+        raise WarpError(f"transformation_3d_flow {flow} records ops {flow[position:]} that no known augmentation "
+                        f"transform of the pipeline ({list(order)}) made.")
+    if None in own:  # the matrix-only recorder: lidar_aug_matrix = after @ U @ before over matrix recorders
+        at = own.index(None)
+        before, after = np.eye(3), np.eye(3)
+        for i, name in enumerate(order):
+            if RECORDERS[name][0] == "both":
+                if i < at:
+                    before = own[i] @ before
+                else:
+                    after = own[i] @ after
+        own[at] = np.linalg.inv(after) @ matrix @ np.linalg.inv(before)
+    elif any(RECORDERS[n][0] == "both" for n in order):
+        expected = np.eye(3)
+        for name, a in zip(order, own, strict=True):
+            if RECORDERS[name][0] == "both":
+                expected = a @ expected
+        if not np.allclose(expected, matrix, atol=1e-5):
+            raise WarpError("lidar_aug_matrix disagrees with the pcd_* keys of BEVFusionGlobalRotScaleTrans; a "
+                            "transform outside the known ones changed it.")
+    total = np.eye(3)
+    for a in own:
+        total = a @ total
+    return total
+
+
+def bev_transform(metainfo: Mapping[str, Any], order: Sequence[str] | None = None) -> np.ndarray:
+    """3x3 float64 affine of (x, y, 1) columns from the un-augmented to the augmented LiDAR frame.
+
+    `order`: the train pipeline's augmentation transforms (`augmentation_order`); with it, any mix of
+    mmdet3d's and BEVFusion's transforms is composed, each from its own record. Without it the
+    record alone must say everything (one family of transforms, or the matrix complete)."""
+    if order is not None:
+        return _composed(metainfo, order)
     keyed = _keyed_transform(metainfo)
     if metainfo.get("lidar_aug_matrix") is None:
         return np.eye(3) if keyed is None else keyed
@@ -159,16 +254,16 @@ def bev_transform(metainfo: Mapping[str, Any]) -> np.ndarray:
     if keyed is None:
         return a
     # BEVFusionGlobalRotScaleTrans records both forms; BEVFusionRandomFlip3D only the matrix. So the
-    # matrix is complete unless an mmdet3d transform recorded only pcd_* keys (then we refuse).
+    # matrix is complete unless an mmdet3d transform recorded only pcd_* keys.
     flow = list(metainfo.get("transformation_3d_flow") or [])
     flips = [_flip(sx, sy) for sx in (1, -1) for sy in (1, -1)]
     if "HF" in flow or "VF" in flow or not any(
         np.allclose(a, f @ keyed, atol=1e-5) or np.allclose(a, keyed @ f, atol=1e-5) for f in flips
     ):
         raise WarpError(
-            f"lidar_aug_matrix and the pcd_* keys (flow {flow}) record different augmentations: the pipeline "
-            "mixes mmdet3d's and BEVFusion's augmentation transforms, whose joint order is not recorded. "
-            "Use BEVFusion's or mmdet3d's transforms only."
+            f"lidar_aug_matrix and the pcd_* keys (flow {flow}) record different augmentations and their joint "
+            "order is not known here: pass the pipeline's order (bev_transform(meta, augmentation_order(names)); "
+            "the distiller does)."
         )
     return a
 

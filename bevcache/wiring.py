@@ -95,14 +95,33 @@ def _check_rows_wrapper(distiller: Any, dataset: Any) -> None:
                           f"distiller needs {spatial} / {pooled} from {distiller.cache}: {how}")
 
 
+def _check_warp_record(base: Any, order: tuple[str, ...]) -> None:
+    """Every key the warp reads must survive Pack3DDetInputs, or a flip would be lost silently."""
+    from .warp import RECORDERS
+
+    kinds = {RECORDERS[n][0] for n in order}
+    needed = []
+    if kinds & {"keyed", "both"}:
+        needed += ["transformation_3d_flow", "pcd_rotation", "pcd_scale_factor", "pcd_trans"]
+    if kinds & {"matrix", "both"}:
+        needed.append("lidar_aug_matrix")
+    pack = _pack_step(base.pipeline)
+    missing = [k for k in needed if pack is not None and k not in tuple(pack.meta_keys)]
+    if missing:
+        raise ConfigError(f"augmentation='warp' reads each sample's augmentation record, but the train pipeline's "
+                          f"Pack3DDetInputs drops {missing} ({list(order)} record there): add them to its meta_keys.")
+
+
 def _check_warpable(distiller: Any, base: Any, random_names: list[str]) -> None:
     """'warp' keeps every transform: refuse those a BEV warp cannot express, unless told to ignore them."""
-    from .warp import BEV_EFFECT, non_warpable
+    from .warp import BEV_EFFECT, augmentation_order, non_warpable
 
     if not distiller.spatial_cfg:
         raise ConfigError("augmentation='warp' warps cached BEV maps: it needs spatial=dict(...) layers; for pooled "
                           "CRD use 'keep' (pooling is nearly invariant to flips/rotations) or 'replay'.")
     names = [type(t).__name__ for t in getattr(base.pipeline, "transforms", [])]
+    distiller.augmentation_order = augmentation_order(names)  # any mix of mmdet3d's and BEVFusion's transforms
+    _check_warp_record(base, distiller.augmentation_order)
     bad = non_warpable(names)
     bad.update({n: "a random transform bevcache does not know how to warp" for n in random_names
                 if n not in BEV_EFFECT and n not in bad})

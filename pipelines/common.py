@@ -77,3 +77,27 @@ def final_metrics(work_dir: Path) -> dict:
 
 def threads() -> int:
     return int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
+
+
+def git_state(measured_at: str | None = None, own_outputs: Path | None = None) -> dict:
+    """The commit the measurements are taken at, and whether the tree is clean. `own_outputs` (the
+    report dir) does not count: the report written after seed 0 must not mark seed 1 as dirty."""
+    import subprocess
+
+    def git(*a, strip=True):
+        out = subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout
+        return out.strip() if strip else out
+
+    pathspec = ["--", "."]
+    own = Path(own_outputs).resolve() if own_outputs is not None else None
+    if own is not None and own.is_relative_to(REPO):
+        pathspec.append(f":(exclude){own.relative_to(REPO)}")
+    dirty = [ln for ln in git("status", "--porcelain", "--untracked-files=no", *pathspec, strip=False).splitlines()
+             if ln.strip()]
+    state = {"commit": git("rev-parse", "HEAD"), "short": git("rev-parse", "--short", "HEAD"), "clean": not dirty,
+             "dirty_files": [ln[3:] for ln in dirty]}
+    if measured_at:
+        state["measured_at"] = git("rev-parse", measured_at)
+        state["short"] = git("rev-parse", "--short", measured_at)
+        state["changed_since"] = git("diff", "--name-only", measured_at, "HEAD").split()
+    return state

@@ -78,7 +78,7 @@ step 6 "runtime dependencies (explicit list; the real imports of mmdet/mmdet3d/n
   pycocotools scipy six terminaltables cachetools descartes fire parameterized scikit-learn \
   pandas numba networkx trimesh plyfile scikit-image pyquaternion shapely \
   addict yapf termcolor rich matplotlib pillow pyyaml tqdm fsspec crc32c google-crc32c \
-  pytest pytest-timeout pytest-xdist ruff hypothesis \
+  pytest pytest-timeout pytest-xdist ruff mypy hypothesis \
   s3fs "moto[server]"
 
 step 7 "bevcache (editable)"

@@ -76,6 +76,28 @@ def tiny_cfg(name: str, data_root: Path, *, batch_size: int = 2, workers: int = 
     return cfg
 
 
+def iteration_run(cfg, *, work_dir: str | Path, iters: int, batch_size: int = 2, workers: int = 0,
+                  seed: int = 0, checkpoint_interval: int | None = None, shuffle: bool = True):
+    """A Runner config turned into a short iteration run for tests and benchmarks: `iters` steps
+    (bevcache.schedule, as `bevcache train --max-iters`) at constant LR, no validation, a log line
+    every step, checkpoints every `checkpoint_interval` steps (none without it)."""
+    from bevcache.schedule import NEVER, set_run_length
+
+    cfg.work_dir = str(work_dir)
+    set_run_length(cfg, max_iters=iters)
+    cfg.param_scheduler = []
+    cfg.default_hooks.checkpoint = dict(type="CheckpointHook", interval=checkpoint_interval or NEVER,
+                                        by_epoch=False, save_last=checkpoint_interval is not None)
+    cfg.default_hooks.logger = dict(type="LoggerHook", interval=1)
+    cfg.log_processor = dict(type="LogProcessor", window_size=1, by_epoch=False)
+    cfg.train_dataloader.update(batch_size=batch_size, num_workers=workers, persistent_workers=False,
+                                sampler=dict(type="InfiniteSampler", shuffle=shuffle))
+    cfg.val_dataloader = cfg.val_cfg = cfg.val_evaluator = None
+    cfg.test_dataloader = cfg.test_cfg = cfg.test_evaluator = None
+    cfg.randomness = dict(seed=seed, deterministic=False)
+    return cfg
+
+
 def bevcache_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "bevcache.cli", *args]
 

@@ -46,7 +46,38 @@ def test_student_is_smaller_than_teacher(data_root):
 
 def test_distill_section_is_complete():
     from bevcache.runtime import load_config
-    from bevcache.train import DISTILL_DEFAULTS
+    from bevcache.train import distill_setting_names
 
     distill = load_config(CONFIGS / "tiny_student.py").distill
-    assert set(distill) <= set(DISTILL_DEFAULTS)
+    assert set(distill) <= set(distill_setting_names())
+
+
+def _augmentation_settings(path) -> list:
+    """Every `augmentation=` a config file itself sets (distill section or CRDDistiller model)."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.keyword) and node.arg == "augmentation" and isinstance(node.value, ast.Constant):
+            found.append(node.value.value)
+    return found
+
+
+def test_shipped_configs_follow_the_readme_default():
+    """The README states the augmentation default; the distiller's signature holds it; every shipped
+    config either leaves it alone or sets that value (replay variants say so in their name)."""
+    import inspect
+    import re
+
+    from bevcache.distiller import CRDDistiller
+
+    readme = (CONFIGS.parent / "README.md").read_text()
+    stated = set(re.findall(r"default `augmentation='(\w+)'`", readme))
+    default = inspect.signature(CRDDistiller.__init__).parameters["augmentation"].default
+    assert stated == {default}, f"README states {stated}, the distiller's default is {default!r}"
+    offenders = {}
+    for path in sorted(CONFIGS.rglob("*.py")):
+        values = [v for v in _augmentation_settings(path) if v != default]
+        if values and not ("replay" in path.stem and set(values) == {"replay"}):
+            offenders[str(path.relative_to(CONFIGS))] = values
+    assert not offenders, f"shipped configs override the documented default: {offenders}"

@@ -12,9 +12,8 @@ from mmengine.hooks import Hook
 from mmengine.runner import Runner
 
 from bevcache.errors import ConfigError, StoreMismatch
-from bevcache.train import iteration_run
 
-from .conftest import CONFIGS
+from .conftest import CONFIGS, iteration_run
 
 CRD_CONFIG = CONFIGS / "tiny_student_crd.py"
 

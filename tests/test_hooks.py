@@ -9,9 +9,7 @@ from mmengine.config import Config
 from mmengine.hooks import Hook
 from mmengine.runner import Runner, load_checkpoint
 
-from bevcache.train import iteration_run
-
-from .conftest import CONFIGS
+from .conftest import CONFIGS, iteration_run
 
 AUGMENTED = [
     dict(type="LoadPointsFromFile", coord_type="LIDAR", load_dim=5, use_dim=4),

@@ -133,7 +133,8 @@ def _crd_config(data_root: Path, store: str, work_dir: Path, *, pooled_rows: boo
     from mmengine.config import Config
 
     from bevcache.data import set_data_root
-    from bevcache.train import iteration_run
+
+    from .conftest import iteration_run
 
     cfg = Config.fromfile(str(CONFIGS / "tiny_student_crd.py"))
     set_data_root(cfg, str(data_root))

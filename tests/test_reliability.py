@@ -229,7 +229,8 @@ def test_an_interrupt_mid_epoch_checkpoints_and_the_resumed_run_replays_that_epo
     from mmengine.hooks import Hook
     from mmengine.runner import Runner
 
-    from bevcache.guard import TrainingInterrupted, interruptible, run_guarded
+    from bevcache.errors import TrainingInterrupted
+    from bevcache.guard import interruptible, run_guarded
 
     def epoch_cfg(**kw):
         cfg = build_train_config(TrainOptions(student=STUDENT, cache=store, data_root=str(data_root),
@@ -268,7 +269,8 @@ def test_a_second_signal_stops_at_once_and_names_the_last_checkpoint(iter_studen
     from mmengine.hooks import Hook
     from mmengine.runner import Runner
 
-    from bevcache.guard import TrainingInterrupted, interruptible, run_guarded
+    from bevcache.errors import TrainingInterrupted
+    from bevcache.guard import interruptible, run_guarded
 
     class CtrlCTwice(Hook):  # an impatient user during iteration 3 (iter_2.pth exists)
         def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
@@ -471,7 +473,7 @@ def _retokened(items):
 def test_a_changed_dataset_is_refused_by_train_and_by_resume(change, data_root, store, teacher_ckpt, tmp_path):  # noqa: F811
     from mmengine.runner import Runner
 
-    from bevcache.train import iteration_run
+    from .conftest import iteration_run
 
     root = _variant_root(data_root, tmp_path, change)
     with pytest.raises(StoreMismatch, match="not the dataset the store|training set has 1[13] samples"):

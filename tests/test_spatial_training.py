@@ -18,10 +18,9 @@ from mmengine.runner import Runner
 
 from bevcache.errors import ConfigError
 from bevcache.store import open_store
-from bevcache.train import iteration_run
 from bevcache.warp import bev_transform, warp_bev
 
-from .conftest import CONFIGS
+from .conftest import CONFIGS, iteration_run
 from .test_loading import make_spatial_store
 from .test_pipeline import object_sample
 

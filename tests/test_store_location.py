@@ -31,6 +31,8 @@ def test_exclusive_writer_refuses_a_second_writer_until_the_first_ends(tmp_path)
         with pytest.raises(StoreError, match=rf"another `bevcache extract` is writing .*f.zarr \(pid {os.getpid()} on "):
             with exclusive_writer("file://" + url):
                 pass
+        assert lock.exists()  # a refused writer leaves the holder's lock alone
+    assert not lock.exists()  # a finished writer leaves no lock file beside the store
     with exclusive_writer(url):  # freed on exit
         pass
 

@@ -30,9 +30,8 @@ from bevcache.teacher import (
     student_state_dict,
     weights_sha256,
 )
-from bevcache.train import iteration_run
 
-from .conftest import CONFIGS, tiny_cfg
+from .conftest import CONFIGS, iteration_run, tiny_cfg
 
 VOXEL_TEACHER, VOXEL_STUDENT = "tiny_voxel_teacher.py", "tiny_voxel_student.py"
 SPCONV_KEY = "pts_middle_encoder.conv_input.0.weight"

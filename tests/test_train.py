@@ -12,9 +12,9 @@ import torch
 from mmengine.hooks import Hook
 
 from bevcache.errors import ConfigError, StoreMismatch
-from bevcache.train import TrainOptions, build_train_config, iteration_run
+from bevcache.train import TrainOptions, build_train_config
 
-from .conftest import CONFIGS, REPO, tiny_cfg
+from .conftest import CONFIGS, REPO, iteration_run, tiny_cfg
 
 STUDENT = str(CONFIGS / "tiny_student.py")
 TEACHER = str(CONFIGS / "tiny_teacher.py")

@@ -289,6 +289,62 @@ def test_real_bevfusion_transforms_match_their_points(monkeypatch):
         np.testing.assert_allclose(mapped, out["points"].tensor[:, :2].double().numpy(), atol=1e-4)
 
 
+def _matrix_only_flip(results: dict, seed: int) -> dict:
+    """What BEVFusionRandomFlip3D does (its definition, not its code): flip points and boxes, compose
+    the flip into lidar_aug_matrix only, record nothing in pcd_* or transformation_3d_flow."""
+    rng = np.random.default_rng(seed)
+    flip_h, flip_v = bool(rng.integers(2)), bool(rng.integers(2))
+    flip = np.eye(3)
+    for on, direction, diag in ((flip_h, "horizontal", [1, -1, 1]), (flip_v, "vertical", [-1, 1, 1])):
+        if on:
+            results["points"].flip(direction)
+            results["gt_bboxes_3d"].flip(direction)
+            flip = np.diag(diag).astype(np.float64) @ flip
+    m = results.get("lidar_aug_matrix", np.eye(4))
+    m[:3, :] = flip @ m[:3, :]
+    results["lidar_aug_matrix"] = m
+    results["flips_under_test"] = (flip_h, flip_v)
+    return results
+
+
+def test_mmdet3d_rotation_then_a_matrix_only_flip_compose_in_pipeline_order():
+    """The stock BEVFusion-L mix: mmdet3d's GlobalRotScaleTrans (pcd_* keys) then BEVFusion's flip
+    (lidar_aug_matrix only). With the pipeline's order the warp maps original points onto augmented ones."""
+    from mmdet3d.registry import TRANSFORMS
+    from mmdet3d.utils import register_all_modules
+
+    from bevcache.warp import augmentation_order
+
+    register_all_modules()
+    rst = TRANSFORMS.build(dict(type="GlobalRotScaleTrans", rot_range=[-0.785, 0.785],
+                                scale_ratio_range=[0.9, 1.1], translation_std=[0.5, 0.5, 0.2]))
+    order = augmentation_order(["LoadPointsFromFile", "GlobalRotScaleTrans", "BEVFusionRandomFlip3D",
+                                "PointsRangeFilter", "Pack3DDetInputs"])
+    assert order == ("GlobalRotScaleTrans", "BEVFusionRandomFlip3D")
+    seen = set()
+    for seed in range(12):
+        scene = _scene(seed)
+        xy = scene["points"].tensor[:, :2].double().numpy().copy()
+        np.random.seed(seed)
+        out = _matrix_only_flip(rst(scene), seed)
+        with pytest.raises(WarpError, match="order"):  # the record alone cannot say which came first
+            bev_transform(out)
+        a = bev_transform(out, order)
+        mapped = (a @ np.c_[xy, np.ones(len(xy))].T).T[:, :2]
+        np.testing.assert_allclose(mapped, out["points"].tensor[:, :2].double().numpy(), atol=1e-4)
+        seen.add(out["flips_under_test"])
+    assert len(seen) == 4
+
+
+def test_augmentation_orders_that_cannot_be_composed_are_refused():
+    from bevcache.warp import augmentation_order
+
+    with pytest.raises(WarpError, match="record only lidar_aug_matrix"):
+        augmentation_order(["BEVFusionRandomFlip3D", "GlobalRotScaleTrans", "BEVFusionRandomFlip3D"])
+    with pytest.raises(WarpError, match="repeats"):
+        augmentation_order(["GlobalRotScaleTrans", "BEVFusionGlobalRotScaleTrans"])
+
+
 # --- refusals and the transform table ------------------------------------------------------
 
 

@@ -20,7 +20,7 @@ blocks at once (no two touch the same object); only the creator may call `create
 
 Modules: spec (what a store holds), location (URLs, opening, the writer lock), layout (arrays and
 encoding), arrays (checked reads), writing (one block), observers (callbacks after each durable
-block), inspect (verify, info), feature_store (FeatureStore), create (create_store, open_store).
+block), inspect (verify, info), feature_store (FeatureStore, open_store), create (create_store).
 """
 
 from .create import create_store, open_store

@@ -9,9 +9,9 @@ import numpy as np
 import zarr
 
 from ..errors import ConfigError, StoreError
-from .feature_store import FeatureStore
+from .feature_store import FeatureStore, open_store  # noqa: F401  (open_store: re-exported)
 from .layout import Layout
-from .location import holds_anything, make_store, open_group, store_exists
+from .location import holds_anything, make_store, store_exists
 from .spec import (
     RESERVED,
     LayerSpec,
@@ -111,11 +111,3 @@ def create_store(
     meta["layout_ready"] = True
     group.attrs["bevcache"] = meta
     return FeatureStore(url, group=group, mode="r+", storage_options=storage_options)
-
-
-def open_store(url: str, *, mode: str = "r", storage_options: dict | None = None) -> FeatureStore:
-    """Open an existing store ("r" read-only, "r+" to write blocks); reads metadata only."""
-    if mode not in ("r", "r+"):
-        raise ConfigError(f"mode must be one of ['r', 'r+']. Got {mode!r}.")
-    group = open_group(url, mode=mode, storage_options=storage_options)
-    return FeatureStore(url, group=group, mode=mode, storage_options=storage_options)

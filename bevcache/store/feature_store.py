@@ -5,18 +5,21 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 import zarr
 
 from ..errors import ConfigError, StoreError, StoreMismatch
 from . import inspect, writing
 from .arrays import Arrays
 from .layout import Layout
+from .location import open_group
 from .messages import damage_text, incomplete_text, rows_text, why
 from .spec import FORMAT_VERSION, RESERVED, LayerSpec, check_json, decode_tokens
+
+if TYPE_CHECKING:  # torch only where tables become tensors: `bevcache info`/`verify` never import it
+    import torch
 
 
 class FeatureStore:
@@ -124,7 +127,7 @@ class FeatureStore:
     # -- reading -----------------------------------------------------------------------------
 
     def read_table(self, layer: str, *, device: torch.device | str | None = None,
-                   dtype: torch.dtype = torch.float32, allow_incomplete: bool = False,
+                   dtype: torch.dtype | None = None, allow_incomplete: bool = False,
                    views: bool = False) -> torch.Tensor:
         """The whole [num_samples, dim] table of a layer (views=True: its [num_samples, K, dim]
         augmented views), read in one bulk call. Raises StoreError if any row is not written yet
@@ -139,7 +142,9 @@ class FeatureStore:
             raise StoreError(damage_text(self.url, path, bad))
         # A missing chunk reads as NaN (the fill value) in every column; write_block never stores NaN.
         self._refuse_lost(path, np.flatnonzero(np.isnan(table.reshape(len(table), -1)[:, 0]) & mask))
-        return torch.from_numpy(table).to(device=device, dtype=dtype)
+        import torch
+
+        return torch.from_numpy(table).to(device=device, dtype=torch.float32 if dtype is None else dtype)
 
     def read_digests(self) -> np.ndarray:
         """int64 [num_samples, K]: the digest of each view's augmented input (see bevcache.replay)."""
@@ -261,7 +266,13 @@ class FeatureStore:
             )
 
 
-def _reopen(url: str, mode: str, storage_options: dict | None) -> FeatureStore:
-    from .create import open_store  # create imports this module
+def open_store(url: str, *, mode: str = "r", storage_options: dict | None = None) -> FeatureStore:
+    """Open an existing store ("r" read-only, "r+" to write blocks); reads metadata only."""
+    if mode not in ("r", "r+"):
+        raise ConfigError(f"mode must be one of ['r', 'r+']. Got {mode!r}.")
+    group = open_group(url, mode=mode, storage_options=storage_options)
+    return FeatureStore(url, group=group, mode=mode, storage_options=storage_options)
 
+
+def _reopen(url: str, mode: str, storage_options: dict | None) -> FeatureStore:
     return open_store(url, mode=mode, storage_options=storage_options)

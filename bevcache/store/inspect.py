@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import StoreError
-from .location import array_bytes_on_disk, bytes_on_disk
+from .location import array_bytes_on_disk, bytes_on_disk, metadata_bytes
 from .messages import MAX_LISTED, RECREATE, damage_text, rows_text
 from .spec import (
     SPATIAL_DTYPE,
@@ -107,6 +107,10 @@ def info(store: FeatureStore) -> dict:
         per_row += raw // n
     bytes_raw = n * per_row + n * (1 + store.layout.token_width + 8)
     on_disk = bytes_on_disk(store.url, store.arrays.group)
+    metadata = metadata_bytes(store.url, store.arrays.group)
+    # Compression compares like with like: the arrays' data against the chunks holding it (the
+    # metadata documents, a few KiB per array, would make a small store look "0.45x compressed").
+    chunks = on_disk - metadata if on_disk is not None and metadata is not None else None
     return {
         "url": store.url,
         "num_samples": n,
@@ -126,7 +130,9 @@ def info(store: FeatureStore) -> dict:
         "format_version": meta.get("format_version"),
         "bytes_on_disk": on_disk,
         "bytes_raw": bytes_raw,
-        "compression_ratio": (bytes_raw / on_disk) if on_disk else None,
+        "bytes_metadata": metadata,
+        "bytes_chunks": chunks,
+        "compression_ratio": (bytes_raw / chunks) if chunks else None,
     }
 
 

@@ -109,6 +109,16 @@ def bytes_on_disk(url: str, group: zarr.Group) -> int | None:
         return None
 
 
+def metadata_bytes(url: str, group: zarr.Group) -> int | None:
+    """Size of the store's metadata documents (zarr.json files), which dominate a small store."""
+    if not is_remote(url):
+        total = 0
+        for root, _, files in os.walk(local_root(url)):
+            total += sum(os.path.getsize(os.path.join(root, f)) for f in files if f == "zarr.json")
+        return total
+    return None  # one listing per array on an object store: not worth it for a size figure
+
+
 def array_bytes_on_disk(url: str, group: zarr.Group, path: str) -> int | None:
     """Size of one array's objects (metadata and chunks/shards)."""
     if not is_remote(url):
@@ -125,7 +135,8 @@ def array_bytes_on_disk(url: str, group: zarr.Group, path: str) -> int | None:
 @contextlib.contextmanager
 def exclusive_writer(url: str) -> Iterator[None]:
     """Refuse a second writer job on the same local store: an advisory lock file beside it
-    (`<store>.lock`), freed on exit or crash. Remote stores: no lock, a warning says so."""
+    (`<store>.lock`), removed when the writer finishes, freed by the OS on a crash. Remote stores: no
+    lock, a warning says so."""
     if is_remote(url):
         log.warning("%s is a remote store: it is not locked against a second writer; run one "
                     "`bevcache extract` per store at a time", url)
@@ -136,6 +147,9 @@ def exclusive_writer(url: str) -> Iterator[None]:
     with open(path, "a+") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # The holder unlinks the file when it finishes: a lock taken on an unlinked file is no lock.
+            if not path.exists() or os.stat(path).st_ino != os.fstat(fh.fileno()).st_ino:
+                raise BlockingIOError
         except BlockingIOError:
             fh.seek(0)
             raise StoreError(f"another `bevcache extract` is writing {url} ({fh.read().strip() or 'unknown pid'}); "
@@ -147,4 +161,8 @@ def exclusive_writer(url: str) -> Iterator[None]:
         try:
             yield
         finally:
+            # Removed while still held (a finished store leaves no lock file beside it); a kill -9
+            # leaves it, unlocked, and the next writer takes it over.
+            with contextlib.suppress(OSError):
+                path.unlink()
             fcntl.flock(fh, fcntl.LOCK_UN)

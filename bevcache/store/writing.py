@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from ..errors import FeatureValueError, StoreError
 from .messages import MAX_LISTED, why
@@ -105,7 +104,7 @@ def _any_set_or_unreadable(mask: Any, start: int, stop: int) -> bool:
 
 def _checked(store: FeatureStore, layer: str, start: int, value: Any, shape: tuple[int, ...], dtype: str) -> np.ndarray:
     """A block of one layer in the store's dtype, refused if mis-shaped or not finite."""
-    if isinstance(value, torch.Tensor):
+    if hasattr(value, "detach"):  # a torch tensor (torch itself is not imported by reading commands)
         value = value.detach().cpu().numpy()
     value = np.asarray(value)
     if value.shape != shape:

@@ -21,6 +21,6 @@ distill = dict(
     nce_t=0.07,
     nce_m=0.5,
     pooling=None,
-    # CBGS + ObjectSample + rotation/flip: cached features describe the un-augmented sample.
-    augmentation='drop',
+    # the documented default: replay the store's views, warp spatial maps, else keep the augmentation
+    augmentation='auto',
 )

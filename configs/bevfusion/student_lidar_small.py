@@ -18,5 +18,5 @@ distill = dict(
     nce_t=0.07,
     nce_m=0.5,
     pooling=None,
-    augmentation='drop',
+    augmentation='auto',  # the documented default (README): never train without augmentation
 )
