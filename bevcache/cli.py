@@ -60,8 +60,10 @@ def _with_models(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from . import register
+        from .quiet import gather_mmengine_notices
 
         register()
+        gather_mmengine_notices()
         return fn(*args, **kwargs)
 
     return wrapper

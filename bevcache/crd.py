@@ -118,11 +118,7 @@ class CRDLoss(nn.Module):
             e_s = F.normalize(self.embed_s(f_s.to(dtype)), dim=1)  # [B, F]
             e_t = F.normalize(self.embed_t(f_t.to(dtype)), dim=1)  # [B, F]
             contrast = self._contrast_indices(index)  # [B, K+1], column 0 = positive
-            # Student embeddings are scored against the teacher bank and vice versa.
-            scores_s = torch.exp(_bank_scores(e_s, self.memory_t, contrast) / self.nce_t)  # [B, K+1]
-            scores_t = torch.exp(_bank_scores(e_t, self.memory_s, contrast) / self.nce_t)  # [B, K+1]
-            z_s, z_t = self._normalisers(scores_s.detach(), scores_t.detach())  # scalars
-            loss = self._nce_loss(scores_s / z_s) + self._nce_loss(scores_t / z_t)
+            loss = self._loss(e_s, e_t, contrast)
             if self.training:
                 self._update_banks(e_s.detach(), e_t.detach(), index)
                 self.step += 1
@@ -159,12 +155,56 @@ class CRDLoss(nn.Module):
             self.z_t.copy_(z[1])
         return z[0], z[1]
 
+    def _loss(self, e_s: Tensor, e_t: Tensor, contrast: Tensor) -> Tensor:
+        """Student side + teacher side NCE loss, with its exact gradient w.r.t. e_s and e_t.
+
+        Each side scores its B embeddings against B*(K+1) rows of the other side's bank. Autograd
+        through bank[contrast] would keep those rows for the backward: a fresh [B, K+1, F] tensor
+        per side (32 MiB at B=4, K=16384, F=128), and on the CPU allocating and filling that much
+        fresh memory costs more than all the arithmetic (benchmarks/bench_crd.py). The backward
+        cannot read the bank again instead: the bank is updated in place before it runs. So the
+        scores are computed without grad, a few thousand rows at a time (`_bank_scores`), and the
+        gradient w.r.t. each embedding, a weighted sum of its K+1 bank rows, is read here while
+        the bank is unchanged and handed to autograd as a term of value zero. `_loss_autograd`
+        is the same loss by plain autograd (the tests compare the two).
+        """
+        x_s = _bank_scores(e_s.detach(), self.memory_t, contrast) / self.nce_t  # [B, K+1]
+        x_t = _bank_scores(e_t.detach(), self.memory_s, contrast) / self.nce_t  # [B, K+1]
+        scores_s, scores_t = torch.exp(x_s), torch.exp(x_t)  # [B, K+1] each
+        z_s, z_t = self._normalisers(scores_s, scores_t)  # scalars
+        p_s, p_t = scores_s / z_s, scores_t / z_t  # [B, K+1] model probabilities
+        loss = self._nce_loss(p_s) + self._nce_loss(p_t)
+        for e, bank, p in ((e_s, self.memory_t, p_s), (e_t, self.memory_s, p_t)):
+            if e.requires_grad:
+                # x[b, k] = <bank[contrast[b, k]], e[b]> / T, so
+                # d loss / d e[b] = sum_k d loss / d x[b, k] * bank[contrast[b, k]] / T
+                weight = self._nce_loss_grad(p) / self.nce_t  # [B, K+1]
+                grad = F.embedding_bag(contrast, bank, per_sample_weights=weight, mode="sum")  # [B, F]
+                loss = loss + ((e - e.detach()) * grad).sum()  # adds 0; its gradient w.r.t. e is grad
+        return loss
+
+    def _loss_autograd(self, e_s: Tensor, e_t: Tensor, contrast: Tensor) -> Tensor:
+        """`_loss` by plain autograd through the gathered rows (the reference for tests and benchmarks)."""
+        # bank[contrast] is a copy, never the bank itself, so the bank can be updated in place later.
+        x_s = torch.einsum("bkf,bf->bk", self.memory_t[contrast], e_s) / self.nce_t  # [B, K+1]
+        x_t = torch.einsum("bkf,bf->bk", self.memory_s[contrast], e_t) / self.nce_t  # [B, K+1]
+        scores_s, scores_t = torch.exp(x_s), torch.exp(x_t)  # [B, K+1] each
+        z_s, z_t = self._normalisers(scores_s.detach(), scores_t.detach())  # scalars
+        return self._nce_loss(scores_s / z_s) + self._nce_loss(scores_t / z_t)
+
     def _nce_loss(self, p: Tensor) -> Tensor:
         """NCE loss (paper eq. 18) of [B, K+1] model probabilities, column 0 = positive."""
         m_pn = self.nce_k / self.num_data  # m * Pn: the noise mass of K uniform negatives
         log_d1 = torch.log(p[:, 0] / (p[:, 0] + m_pn + self.eps))  # [B] positive is data
         log_d0 = torch.log(m_pn / (p[:, 1:] + m_pn + self.eps))  # [B, K] negatives are noise
         return -(log_d1.sum() + log_d0.sum()) / p.shape[0]
+
+    def _nce_loss_grad(self, p: Tensor) -> Tensor:
+        """d `_nce_loss(p)` / d x, [B, K+1], where p = exp(x) / Z with Z a constant (dp/dx = p)."""
+        c = self.nce_k / self.num_data + self.eps  # m * Pn + eps
+        grad = p / (p + c)  # [B, K+1] negatives: d(-log(m Pn / (p + c)))/dx = p / (p + c)
+        grad[:, 0] = -c / (p[:, 0] + c)  # positive: d(-log(p / (p + c)))/dx = -c / (p + c)
+        return grad / p.shape[0]
 
     @torch.no_grad()
     def _update_banks(self, e_s: Tensor, e_t: Tensor, index: Tensor) -> None:
@@ -181,17 +221,30 @@ class CRDLoss(nn.Module):
             bank.index_copy_(0, index, F.normalize(mixed, dim=1))
 
 
-def _bank_scores(emb: Tensor, bank: Tensor, contrast: Tensor) -> Tensor:
-    """<bank[contrast[b, k]], emb[b]> as [B, K+1], by the cheaper of two equal computations.
+_ROWS_AT_ONCE = 4096  # bank rows `_bank_scores` gathers at a time on the CPU: 2 MiB at F=128
 
-    Gathering the B*(K+1) rows wins while that is fewer than the N bank rows (small nce_k, large
-    datasets: 60x faster at N=200k, K=1024); otherwise scoring all N rows and gathering the
-    scores does. Both hand autograd a copy, never the bank itself, so the bank can be updated in
-    place after the loss (the full path's `.clone()` is that copy).
+
+@torch.no_grad()
+def _bank_scores(emb: Tensor, bank: Tensor, contrast: Tensor) -> Tensor:
+    """<bank[contrast[b, k]], emb[b]> as [B, K+1] (no grad), by the cheaper of two equal computations.
+
+    Scoring all N bank rows and keeping K+1 per sample wins once B*(K+1) >= N. Otherwise the
+    B*(K+1) rows are gathered. Off the CPU in one go; on the CPU _ROWS_AT_ONCE at a time, since a
+    fresh [B, K+1, F] tensor above glibc's mmap threshold (32 MiB) is mapped and page-faulted in
+    anew on every call (30x slower than reused memory). The gather is embedding_bag with bags of
+    one row: on the CPU its kernel prefetches rows, faster here than index_select.
     """
-    if contrast.numel() < bank.shape[0]:
+    if contrast.numel() >= bank.shape[0]:
+        return (emb @ bank.T).gather(1, contrast)  # [B, N] scores -> [B, K+1]
+    if bank.device.type != "cpu":
         return torch.einsum("bkf,bf->bk", bank[contrast], emb)  # [B, K+1, F] gathered rows
-    return (emb @ bank.T.clone()).gather(1, contrast)  # [B, N] scores -> [B, K+1]
+    scores = emb.new_empty(contrast.shape)  # [B, K+1]
+    for b in range(contrast.shape[0]):
+        for j in range(0, contrast.shape[1], _ROWS_AT_ONCE):
+            index = contrast[b, j : j + _ROWS_AT_ONCE]  # [r]
+            rows = F.embedding_bag(index[:, None], bank, mode="sum")  # [r, F] = bank[index]
+            scores[b, j : j + _ROWS_AT_ONCE] = rows @ emb[b]
+    return scores
 
 
 def _all_gather_rows(*xs: Tensor) -> list[Tensor]:

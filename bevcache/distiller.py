@@ -172,6 +172,7 @@ class CRDDistiller(BaseModel):
         augmentation: str = "auto",
         views: int | None = None,
         spatial: dict | None = None,
+        teacher_inputs: tuple[str, ...] | list[str] = (),
         init_cfg: dict | None = None,
     ) -> None:
         # Data is preprocessed by the student's (and teacher's) own preprocessors in forward:
@@ -188,6 +189,9 @@ class CRDDistiller(BaseModel):
         if not self.layers and not self.spatial_cfg:
             raise ConfigError("CRDDistiller distils nothing: give `layers` (CRD) and/or `spatial` (BEV maps).")
         self.alpha = float(alpha)
+        # Inputs only the online teacher reads (a fused teacher's `img` beside a LiDAR student): the
+        # student never sees them (bevcache.inputs).
+        self.teacher_inputs = tuple(teacher_inputs)
         store = None
         if cache is not None:
             from .store import open_store
@@ -443,7 +447,8 @@ class CRDDistiller(BaseModel):
         return torch.as_tensor(views, dtype=torch.long, device=device)
 
     def forward(self, inputs: dict, data_samples: list | None = None, mode: str = "tensor"):
-        data = self.student.data_preprocessor({"inputs": inputs, "data_samples": data_samples}, mode == "loss")
+        own = {k: v for k, v in inputs.items() if k not in self.teacher_inputs}
+        data = self.student.data_preprocessor({"inputs": own, "data_samples": data_samples}, mode == "loss")
         if mode != "loss":
             result = self.student(**data, mode=mode)
             self.student_recorder.outputs.clear()

@@ -19,6 +19,9 @@ from pathlib import PurePath
 
 # Loggers of third-party packages that warn through `logging` rather than `warnings`.
 THIRD_PARTY_LOGGERS = ("torch.fx._symbolic_trace",)
+# Deprecation notices mmengine and mmdet3d log (through mmengine's logger, not `warnings`) on every run.
+KNOWN_MMENGINE_MESSAGES = ('"FileClient" will be deprecated', '"HardDiskBackend" is the alias',
+                           "is not a meta file, simply parsed as meta information")
 # mmdet3d's Det3DDataset summary: three records per build.
 SUMMARY_PREFIXES = ("The length of training dataset", "The length of test dataset",
                     "The number of instances per category")
@@ -66,16 +69,46 @@ def gather_known_warnings(stream=None) -> Iterator[Counter]:
     warnings.showwarning = show
     for logger in loggers:
         logger.addFilter(counter)
+    global _ACTIVE
+    _ACTIVE = counts
     try:
         yield counts
     finally:
         warnings.showwarning = original
         for logger in loggers:
             logger.removeFilter(counter)
+        _ACTIVE = None
+        while _UNDO:
+            _UNDO.pop()()
         if counts:
             where = ", ".join(f"{name} {n}" for name, n in counts.most_common())
             print(f"note: {sum(counts.values())} known third-party warning(s) hidden ({where}); "
                   "`bevcache -v ...` shows them", file=stream or sys.stderr)
+
+
+_ACTIVE: Counter | None = None  # the counts of the gathering in progress (None: nothing is gathered)
+_UNDO: list = []
+
+
+def gather_mmengine_notices() -> None:
+    """Also count mmengine's known deprecation notices while warnings are gathered. Called once
+    mmengine is imported (a light command never imports it). mmengine makes a new MMLogger per
+    Runner, so the check sits on the class, not on one logger."""
+    if _ACTIVE is None or _UNDO:
+        return
+    from mmengine.logging import MMLogger
+
+    original = MMLogger.filter
+    counts = _ACTIVE
+
+    def filter(self, record):  # logging.Filterer's method, for every MMLogger instance
+        if record.levelno < logging.ERROR and any(m in str(record.msg) for m in KNOWN_MMENGINE_MESSAGES):
+            counts["mmengine"] += 1
+            return False
+        return original(self, record)
+
+    MMLogger.filter = filter  # type: ignore[method-assign]
+    _UNDO.append(lambda: setattr(MMLogger, "filter", original))
 
 
 class _SummaryFilter(logging.Filter):

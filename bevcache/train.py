@@ -43,7 +43,7 @@ log = logging.getLogger("bevcache")
 
 # Distiller arguments that are not `distill` settings (the launcher or the store fills them in).
 NOT_SETTINGS = ("self", "student", "teacher", "teacher_checkpoint", "trust_checkpoint", "num_data", "student_dims",
-                "teacher_dims", "init_cfg")
+                "teacher_dims", "teacher_inputs", "init_cfg")
 # Hooks every distillation run gets (a config may list them itself).
 DISTILL_HOOKS = ("DistillationHook", "StudentExportHook")
 
@@ -160,6 +160,11 @@ def build_train_config(opts: TrainOptions):
         model.pop("cache", None)
         model.update(teacher=teacher_cfg.model.to_dict(), teacher_checkpoint=opts.teacher_checkpoint,
                      trust_checkpoint=opts.trust_checkpoint)
+        from .inputs import add_teacher_inputs
+
+        teacher_inputs = add_teacher_inputs(cfg, teacher_cfg)  # e.g. camera images for a fused teacher
+        if teacher_inputs:
+            model["teacher_inputs"] = list(teacher_inputs)
         model["num_data"] = len(build_base_dataset(cfg, "train", pipeline=test_pipeline(cfg)))
     cfg.model = model
     from .distiller import check_model_cfg

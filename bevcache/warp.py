@@ -210,8 +210,9 @@ def _composed(metainfo: Mapping[str, Any], order: Sequence[str]) -> np.ndarray:
     if position != len(flow):
         raise WarpError(f"transformation_3d_flow {flow} records ops {flow[position:]} that no known augmentation "
                         f"transform of the pipeline ({list(order)}) made.")
-    if None in own:  # the matrix-only recorder: lidar_aug_matrix = after @ U @ before over matrix recorders
-        at = own.index(None)
+    unknown = [i for i, a in enumerate(own) if a is None]  # (`in`/`index` would compare arrays elementwise)
+    if unknown:  # the matrix-only recorder: lidar_aug_matrix = after @ U @ before over matrix recorders
+        at = unknown[0]
         before, after = np.eye(3), np.eye(3)
         for i, name in enumerate(order):
             if RECORDERS[name][0] == "both":
@@ -230,7 +231,7 @@ def _composed(metainfo: Mapping[str, Any], order: Sequence[str]) -> np.ndarray:
                             "transform outside the known ones changed it.")
     total = np.eye(3)
     for a in own:
-        total = a @ total
+        total = a @ total  # type: ignore[operator]  (every entry is solved by now)
     return total
 
 

@@ -75,6 +75,27 @@ def final_metrics(work_dir: Path) -> dict:
     return history[-1]
 
 
+def class_ap(work_dir: Path, classes: tuple[str, ...] | list[str]) -> dict[str, float]:
+    """Per-class AP of a run's last validation: the mean over the devkit's distance thresholds of
+    NuScenesMetric's `<class>_AP_dist_<d>` keys (how nuScenes' mAP averages them, per class)."""
+    prefix = MAP_KEY.rsplit("/", 1)[0] + "/"
+    last = None
+    for scalars in sorted(Path(work_dir).glob("*/vis_data/scalars.json")):
+        for line in scalars.read_text().splitlines():
+            row = json.loads(line)
+            if MAP_KEY in row:
+                last = row
+    if last is None:
+        raise RuntimeError(f"no validation metrics found under {work_dir}")
+    out = {}
+    for name in classes:
+        aps = [v for k, v in last.items() if k.startswith(f"{prefix}{name}_AP_dist_")]
+        if not aps:
+            raise RuntimeError(f"no {name}_AP_dist_* keys in the last validation under {work_dir}")
+        out[name] = sum(aps) / len(aps)
+    return out
+
+
 def threads() -> int:
     return int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
 

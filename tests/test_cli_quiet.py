@@ -36,3 +36,26 @@ def test_numcodecs_imports_its_checksums_silently():
     result = subprocess.run([sys.executable, "-W", "default", "-c", "import numcodecs.checksum32, zarr.codecs"],
                             env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stderr == "", result.stderr  # google-crc32c is installed (setup step 6)
+
+
+def test_a_clean_extract_is_quiet_and_tidy(data_root, tmp_path):
+    """No third-party warning by default (one line counts them; -v shows them), the dataset summary
+    once, and no lock file left beside the finished store."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    args = ["extract", "--config", "configs/tiny_voxel_teacher.py", "--random-init", "--data-root", str(data_root),
+            "--num-workers", "0"]
+    quiet = subprocess.run([sys.executable, "-m", "bevcache_cli", *args, "--out", str(tmp_path / "q.zarr")],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert quiet.returncode == 0, quiet.stderr
+    out = quiet.stdout + quiet.stderr
+    foreign = [line for line in out.splitlines() if "warn" in line.lower() and "bevcache" not in line
+               and not line.startswith("note:")]
+    assert not foreign, foreign
+    assert out.count("The number of instances per category") == 1
+    note = [line for line in out.splitlines() if line.startswith("note:")]
+    assert len(note) == 1 and "known third-party warning" in note[0]
+    assert not list(tmp_path.glob("*.lock"))
+    loud = subprocess.run([sys.executable, "-m", "bevcache_cli", "-v", *args, "--out", str(tmp_path / "v.zarr")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert loud.returncode == 0 and "note:" not in loud.stderr
+    assert sum("warn" in line.lower() for line in (loud.stdout + loud.stderr).splitlines()) > len(foreign)

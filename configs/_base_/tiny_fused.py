@@ -67,6 +67,9 @@ camera_test_pipeline = [
     load_images,
     dict(type='Pack3DDetInputs', keys=['points', 'img'], meta_keys={{_base_.pack_meta_keys}}),
 ]
+# The names tools and bevcache read (`test_pipeline`: what extraction runs) are the camera ones.
+train_pipeline = camera_train_pipeline
+test_pipeline = camera_test_pipeline
 train_dataloader = dict(dataset=dict(pipeline=camera_train_pipeline, modality=input_modality,
                                      data_prefix=data_prefix))
 val_dataloader = dict(dataset=dict(pipeline=camera_test_pipeline, modality=input_modality,

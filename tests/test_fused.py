@@ -1,0 +1,195 @@
+"""The fused camera + LiDAR teacher through every command, in CI: the tiny FusedCenterPoint
+(bevcache.fusion, BEVFusion's structure) on `bevcache synth --cameras` data, distilled into the LiDAR
+student (its loader never opens an image) and into the camera-only student."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from mmengine.hooks import Hook
+
+from bevcache.cli import main
+from bevcache.extract import ExtractOptions, extract
+from bevcache.store import open_store
+from bevcache.train import TrainOptions, build_train_config
+
+from .conftest import CONFIGS, iteration_run, one_intra_op_thread
+
+FUSED = str(CONFIGS / "tiny_fused_teacher.py")
+LIDAR_STUDENT = str(CONFIGS / "tiny_voxel_student.py")
+CAMERA_STUDENT = str(CONFIGS / "tiny_camera_student.py")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_intra_op_thread():  # spconv on the CPU is bit-reproducible with one thread only
+        yield
+
+
+@pytest.fixture(scope="module")
+def camera_root(tmp_path_factory) -> Path:
+    from bevcache.synth import generate
+
+    root = tmp_path_factory.mktemp("synthetic-nus-cam")
+    generate(root, num_train=12, num_val=4, seed=0, cameras=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def fused_ckpt(tmp_path_factory) -> str:
+    """Random, fixed fused-teacher weights saved the mmengine way (BN statistics perturbed)."""
+    from mmdet3d.registry import MODELS
+    from mmengine.runner import save_checkpoint
+
+    from bevcache.runtime import load_config, setup_runtime
+
+    setup_runtime()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        model = MODELS.build(load_config(FUSED).model)
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    path = tmp_path_factory.mktemp("fused-teacher") / "teacher.pth"
+    save_checkpoint({"state_dict": model.state_dict(), "meta": {}}, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def fused_store(camera_root, fused_ckpt, tmp_path_factory) -> str:
+    """Pooled pts_neck and pts_backbone plus spatial pts_neck maps of the fused teacher, float32."""
+    out = tmp_path_factory.mktemp("fused-store") / "features.zarr"
+    with one_intra_op_thread():  # a module fixture is set up before the autouse one
+        extract(ExtractOptions(config=FUSED, checkpoint=fused_ckpt, out=str(out), data_root=str(camera_root),
+                               layers="pts_neck,pts_backbone", spatial="pts_neck=8", batch_size=2, num_workers=0,
+                               chunk_rows=4, dtype="float32", progress=False))
+    return str(out)
+
+
+class Recorder(Hook):
+    """Per-iteration losses, the samples that reached the model, and what the loader packed."""
+
+    def __init__(self):
+        self.losses, self.samples, self.batch_inputs = [], [], []
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        self.losses.append({k: float(v) for k, v in outputs.items()})
+        self.samples += [int(s.metainfo["sample_idx"]) for s in data_batch["data_samples"]]
+        self.batch_inputs.append(sorted(data_batch["inputs"]))
+
+
+def run(cfg, work_dir: Path, iters: int):
+    from mmengine.runner import Runner
+
+    runner = Runner.from_cfg(iteration_run(cfg, work_dir=work_dir, iters=iters, batch_size=2, seed=7))
+    rec = Recorder()
+    runner.register_hook(rec)
+    seen = []  # the keys of every input dict the student's own preprocessor received
+    student = getattr(runner.model, "student", None)
+    if student is not None:
+        student.data_preprocessor.register_forward_pre_hook(lambda m, args: seen.append(sorted(args[0]["inputs"])))
+    runner.train()
+    return runner, rec, seen
+
+
+def test_the_store_holds_the_fused_teacher_and_its_camera_knowledge(camera_root, fused_ckpt, fused_store):
+    """Rows are the fused teacher's own forward on the un-augmented sample; blanking the images
+    changes pts_neck, so the cached features carry what the cameras saw."""
+    from mmengine.dataset import pseudo_collate
+
+    from bevcache.data import build_base_dataset, test_pipeline
+    from bevcache.features import LayerRecorder, pool_output
+    from bevcache.runtime import load_config
+    from bevcache.teacher import build_teacher
+
+    store = open_store(fused_store)
+    assert set(store.layers) == {"pts_neck", "pts_backbone"} and store.layers["pts_neck"].dim == 512
+    assert (store.spatial["pts_neck"].channels, store.spatial["pts_neck"].height) == (512, 8)
+    cfg = load_config(FUSED)
+    from bevcache.data import set_data_root
+
+    set_data_root(cfg, str(camera_root))
+    teacher = build_teacher(cfg, fused_ckpt, torch.device("cpu"))
+    dataset = build_base_dataset(cfg, "train", pipeline=test_pipeline(cfg))
+    batch = teacher.data_preprocessor(pseudo_collate([dataset[3]]), False)
+    assert batch["inputs"]["imgs"].shape[:2] == (1, 6)  # six cameras reach the teacher
+    with torch.no_grad(), LayerRecorder(teacher, ["pts_neck"]) as rec:
+        teacher(**batch, mode="predict")
+        live = pool_output(rec.outputs["pts_neck"], "avg", 1)
+        batch["inputs"]["imgs"] = torch.zeros_like(batch["inputs"]["imgs"])
+        rec.outputs.clear()
+        teacher(**batch, mode="predict")
+        blind = pool_output(rec.outputs["pts_neck"], "avg", 1)
+    cached = store.read_table("pts_neck")[3:4]
+    torch.testing.assert_close(cached, live, rtol=1e-4, atol=1e-5)
+    assert (live - blind).abs().max() > 1e-3
+
+
+def test_info_and_verify_with_the_fused_config(camera_root, fused_store):
+    info = CliRunner().invoke(main, ["info", fused_store])
+    assert info.exit_code == 0 and "spatial    pts_neck: [512, 8, 8]" in info.output
+    verify = CliRunner().invoke(main, ["verify", fused_store, "--config", FUSED, "--data-root", str(camera_root)])
+    assert verify.exit_code == 0, verify.output
+    assert "matches it: 12 samples in the same order" in verify.output
+
+
+def test_cached_lidar_student_equals_the_online_fused_reference(camera_root, fused_ckpt, fused_store, tmp_path):
+    """One loader feeds both in the online run: images and points for the teacher, the points alone
+    for the LiDAR student; its losses and weights equal the cached run's."""
+    cached_runner, cached, cached_seen = run(build_train_config(TrainOptions(
+        student=LIDAR_STUDENT, data_root=str(camera_root), cache=fused_store,
+        distill_options=["layers={'pts_neck': 'pts_neck'}"])), tmp_path / "cached", 3)
+    online_runner, online, online_seen = run(build_train_config(TrainOptions(
+        student=LIDAR_STUDENT, data_root=str(camera_root), teacher_online=FUSED, teacher_checkpoint=fused_ckpt)),
+        tmp_path / "online", 3)
+    assert all(keys == ["points"] for keys in cached.batch_inputs)  # the cached loader never opens an image
+    assert all(keys == ["img", "points"] for keys in online.batch_inputs)  # one loader, the teacher's images too
+    assert cached_seen and all(keys == ["points"] for keys in cached_seen + online_seen)  # the student: points only
+    assert online_runner.model.teacher_inputs == ("img",)
+    assert cached.samples == online.samples
+    for a, b in zip(cached.losses, online.losses, strict=True):
+        assert set(a) == set(b) and "loss_crd_pts_neck" in a
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (key, cached.losses, online.losses)
+    s_cached, s_online = cached_runner.model.student_state_dict(), online_runner.model.student_state_dict()
+    for key, value in s_cached.items():
+        torch.testing.assert_close(value, s_online[key], rtol=1e-5, atol=1e-6)
+    assert cached_runner.model.teacher is None
+
+
+def test_cached_spatial_warp_and_strict_export(camera_root, fused_store, tmp_path):
+    """Spatial maps of the fused teacher, warped into the LiDAR student's augmented frame; the
+    exported student loads strictly into its own config."""
+    from mmdet3d.registry import MODELS
+    from mmengine.runner import load_checkpoint
+
+    from bevcache.runtime import load_config
+
+    work = tmp_path / "spatial"
+    augmented = tmp_path / "student_augmented.py"  # rotation, scale, flips: the warp has work to do
+    augmented.write_text(f"_base_ = [{LIDAR_STUDENT!r}]\n"
+                         "train_dataloader = dict(dataset=dict(pipeline={{_base_.augmented_train_pipeline}}))\n")
+    result = CliRunner().invoke(main, [
+        "train", "--student", str(augmented), "--cache", fused_store, "--data-root", str(camera_root),
+        "--work-dir", str(work), "--max-iters", "2",
+        "--cfg-options", "train_dataloader.num_workers=0", "train_dataloader.persistent_workers=False",
+        "--distill", "spatial={'grid': (8, 8)}"])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "student.pth"
+    export = CliRunner().invoke(main, ["export-student", str(work / "iter_2.pth"), str(out)])
+    assert export.exit_code == 0, export.output
+    student = MODELS.build(load_config(LIDAR_STUDENT).model)
+    load_checkpoint(student, str(out), strict=True)
+
+
+def test_camera_only_student_distils_from_the_fused_cache(camera_root, fused_store, tmp_path):
+    runner, rec, seen = run(build_train_config(TrainOptions(
+        student=CAMERA_STUDENT, data_root=str(camera_root), cache=fused_store)), tmp_path / "camera", 2)
+    assert all(keys == ["img"] for keys in rec.batch_inputs)  # no points are loaded for the camera student
+    assert all(np.isfinite(v) for loss in rec.losses for v in loss.values())
+    assert rec.losses[0]["loss_crd_pts_neck"] > 0
