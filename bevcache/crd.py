@@ -212,10 +212,11 @@ class CRDLoss(nn.Module):
         emb, index = _all_gather_rows(torch.cat([e_s, e_t], dim=1), index)  # [n, 2F], [n]
         # A duplicated index takes the embedding of its last occurrence (in rank order), so all
         # its copies write the same row and index_copy_ is deterministic; no host sync needed.
+        # (n x n comparisons: an [N] lookup table costs more at N = 200k than the rest of the update.)
         position = torch.arange(index.shape[0], device=index.device)  # [n]
-        last = index.new_zeros(self.num_data)  # [N] dataset index -> its last batch position
-        last.scatter_reduce_(0, index, position, "amax", include_self=False)
-        rows_s, rows_t = emb[last[index]].split(self.feat_dim, dim=1)  # [n, F] each
+        same = index[:, None] == index[None, :]  # [n, n]
+        last = torch.where(same, position, -1).amax(dim=1)  # [n] position of each index's last occurrence
+        rows_s, rows_t = emb[last].split(self.feat_dim, dim=1)  # [n, F] each
         for bank, rows in ((self.memory_s, rows_s), (self.memory_t, rows_t)):
             mixed = self.nce_m * bank[index] + (1 - self.nce_m) * rows  # [n, F]
             bank.index_copy_(0, index, F.normalize(mixed, dim=1))

@@ -33,18 +33,18 @@ def _pack_step(pipeline: Any):
 
 
 def check_index_meta(dataset: Any) -> None:
-    """Refuse a train pipeline whose packed samples would lack sample_idx or token."""
+    """Every packed sample must carry sample_idx and token (the store row and its identity check):
+    a Pack3DDetInputs that drops them (mmdet3d's default meta keys lack 'token') gets them added to
+    the built pipeline, before any loader worker starts; a pipeline without the step is refused."""
     pack = _pack_step(dataset.pipeline)
     if pack is None:
         raise ConfigError("the train pipeline has no Pack3DDetInputs step: add "
                           "dict(type='Pack3DDetInputs', keys=[...], meta_keys=(..., 'sample_idx', 'token')) at its end.")
     missing = [k for k in INDEX_META_KEYS if k not in tuple(pack.meta_keys)]
     if missing:
-        raise ConfigError(
-            f"the train pipeline's Pack3DDetInputs drops {missing} from each sample's metainfo, so the store row "
-            "(sample_idx) and its identity check (token) cannot be made: add them to its meta_keys, e.g. "
-            "dict(type='Pack3DDetInputs', keys=[...], meta_keys=Pack3DDetInputs' defaults + ('sample_idx', 'token')). "
-            "`bevcache train` adds them itself.")
+        pack.meta_keys = tuple(pack.meta_keys) + tuple(missing)
+        print_log(f"distillation: the train pipeline's Pack3DDetInputs now also keeps {missing} in each sample's "
+                  "metainfo (the store row and its identity check)", logger="current")
 
 
 def base_pipeline_cfg(dataset_cfg: Any) -> list:

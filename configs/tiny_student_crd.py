@@ -5,7 +5,8 @@
 #   bevcache train --student configs/tiny_student_crd.py
 # The store comes from `bevcache extract --config configs/tiny_teacher.py --checkpoint ... --out <cache>`.
 _base_ = ['./tiny_student.py']
-custom_imports = dict(imports=['bevcache'], allow_failed_imports=False)
+# Adds bevcache to the base config's imports (a list given alone would replace them).
+custom_imports = dict(imports=_base_.custom_imports.imports + ['bevcache'], allow_failed_imports=False)
 
 model = dict(
     _delete_=True,

@@ -52,24 +52,11 @@ TEACHER = CONFIGS / "bevfusion" / "teacher_lidar_small.py"
 STUDENT = CONFIGS / "bevfusion" / "student_lidar_small.py"
 TRAIN_SAMPLES, VAL_SAMPLES = 4, 2
 
-# A few iterations of the student instead of its 20-epoch schedule (batch 1, no validation).
-ITER_STUDENT = """
-_base_ = ['{student}']
-train_cfg = dict(_delete_=True, type='IterBasedTrainLoop', max_iters={iters}, val_interval=10**9)
-param_scheduler = []
-default_hooks = dict(checkpoint=dict(type='CheckpointHook', interval={iters}, by_epoch=False),
-                     logger=dict(type='LoggerHook', interval=1))
-log_processor = dict(type='LogProcessor', window_size=1, by_epoch=False)
-train_dataloader = dict(batch_size=1, num_workers=0, persistent_workers=False,
-                        sampler=dict(_delete_=True, type='InfiniteSampler', shuffle=True))
-val_dataloader = None
-val_cfg = None
-val_evaluator = None
-test_dataloader = None
-test_cfg = None
-test_evaluator = None
-randomness = dict(seed=0, deterministic=False)
-"""
+# A few iterations of the student instead of its 20-epoch schedule: `bevcache train --max-iters N`,
+# batch 1 without loader workers.
+def short(iters: int) -> list:
+    return ["--max-iters", iters, "--cfg-options", "train_dataloader.batch_size=1", "train_dataloader.num_workers=0",
+            "train_dataloader.persistent_workers=False"]
 
 
 @pytest.fixture(scope="module")
@@ -125,12 +112,6 @@ def teacher_checkpoint(tmp_path_factory, env) -> Path:
                 m.running_var.uniform_(0.5, 1.5)
     path = tmp_path_factory.mktemp("bevfusion-ckpt") / "teacher.pth"
     torch.save({"state_dict": model.state_dict(), "meta": {"test": "random init"}}, path)
-    return path
-
-
-def iter_student(tmp_path: Path, iters: int, student: Path = STUDENT) -> Path:
-    path = tmp_path / f"iter_{student.stem}.py"
-    path.write_text(ITER_STUDENT.format(student=student, iters=iters))
     return path
 
 
@@ -304,8 +285,8 @@ def test_extract_several_layers(tmp_path, bev_data, teacher_checkpoint, env):
 @pytest.fixture(scope="module")
 def cached_run(tmp_path_factory, bev_data, neck_store, env) -> tuple[Path, subprocess.CompletedProcess]:
     work = tmp_path_factory.mktemp("bevfusion-cached")
-    proc = cli("train", "--student", iter_student(work, 3), "--cache", neck_store, "--data-root", bev_data,
-               "--work-dir", work / "run", env=env)
+    proc = cli("train", "--student", STUDENT, "--cache", neck_store, "--data-root", bev_data,
+               "--work-dir", work / "run", *short(3), env=env)
     return work / "run", proc
 
 
@@ -313,17 +294,19 @@ def test_train_cached(cached_run):
     work, proc = cached_run
     assert (work / "iter_3.pth").is_file() and (work / "student_weights.pth").is_file()
     assert "loss_crd_pts_neck" in proc.stdout + proc.stderr
-    # Random train transforms are dropped, BEVFusion's own flip included (it draws from numpy's RNG).
+    # The shipped student keeps the documented default ('auto' -> keep for pooled CRD): the random
+    # train transforms, BEVFusion's own flip included (found by running them), are kept and named.
     output = (proc.stdout + proc.stderr).splitlines()
-    dropped = next(line for line in output if "random train transforms" in line and "'drop'" in line)
+    kept = next(line for line in output if "keeping the random train transforms" in line)
     for name in ("ObjectSample", "GlobalRotScaleTrans", "BEVFusionRandomFlip3D", "PointShuffle"):
-        assert name in dropped, dropped
+        assert name in kept, kept
+    assert not any("DROPPED" in line for line in output)
 
 
 def test_train_online(tmp_path, bev_data, teacher_checkpoint, env):
-    proc = cli("train", "--student", iter_student(tmp_path, 2), "--teacher-online", TEACHER,
+    proc = cli("train", "--student", STUDENT, "--teacher-online", TEACHER,
                "--teacher-checkpoint", teacher_checkpoint, "--data-root", bev_data, "--work-dir", tmp_path / "run",
-               env=env)
+               *short(2), env=env)
     assert (tmp_path / "run" / "iter_2.pth").is_file()
     assert "loss_crd_pts_neck" in proc.stdout + proc.stderr
 
@@ -361,14 +344,63 @@ def test_replay_is_refused_or_exact(tmp_path, bev_data, teacher_checkpoint, env)
     store = tmp_path / "views.zarr"
     cli("extract", "--config", TEACHER, "--checkpoint", teacher_checkpoint, "--data-root", bev_data,
         "--out", store, "--views", 1, "--batch-size", 1, "--num-workers", 0, env=env)
-    proc = cli("train", "--student", iter_student(tmp_path, 2), "--cache", store, "--data-root", bev_data,
-               "--distill", "augmentation=replay", "--work-dir", tmp_path / "run", env=env, ok=False)
+    proc = cli("train", "--student", STUDENT, "--cache", store, "--data-root", bev_data,
+               "--distill", "augmentation=replay", "--work-dir", tmp_path / "run", *short(2), env=env, ok=False)
     if proc.returncode == 0:
         assert (tmp_path / "run" / "iter_2.pth").is_file()
         return
     errors = error_lines(proc)
     assert proc.returncode == 1 and len(errors) == 1, proc.stderr[-3000:]
     assert "augmented input differs" in errors[0] and "view" in errors[0], errors[0]
+
+
+def test_spatial_warp_with_the_stock_pipeline(tmp_path, bev_data, teacher_checkpoint, env):
+    """mmdet3d's GlobalRotScaleTrans + BEVFusion's matrix-only flip compose into one warp; the BEV
+    range comes from voxelize_cfg. ObjectSample (pasted objects the teacher never saw) is refused
+    before any step unless knowingly allowed."""
+    store = tmp_path / "spatial.zarr"
+    cli("extract", "--config", TEACHER, "--checkpoint", teacher_checkpoint, "--data-root", bev_data,
+        "--out", store, "--spatial", "pts_neck=12", "--batch-size", 1, "--num-workers", 0, env=env)
+    base = ["train", "--student", STUDENT, "--cache", store, "--data-root", bev_data, *short(2)]
+    refused = cli(*base, "--work-dir", tmp_path / "refused", "--distill", "spatial={'grid': (12, 12)}", env=env,
+                  ok=False)
+    errors = error_lines(refused)
+    assert refused.returncode == 1 and len(errors) == 1 and "ObjectSample" in errors[0], refused.stderr[-3000:]
+    assert not (tmp_path / "refused" / "iter_1.pth").exists()
+    proc = cli(*base, "--work-dir", tmp_path / "run",
+               "--distill", "spatial={'grid': (12, 12), 'ignore_non_warpable': True}", env=env)
+    out = proc.stdout + proc.stderr
+    assert "loss_spatial_pts_neck" in out and (tmp_path / "run" / "iter_2.pth").is_file()
+
+
+def test_tools_train_with_the_readme_config_form(tmp_path, bev_data, neck_store, env):
+    """mmdet3d's own tools/train.py on a BEVFusion student config written as the README says:
+    `custom_imports` adds bevcache to the project's imports (no KeyError for BEVFusion)."""
+    from bevcache.data import set_data_root
+    from bevcache.runtime import load_config
+
+    student = load_config(STUDENT)
+    set_data_root(student, str(bev_data))  # what --data-root does: datasets and ObjectSample's database
+    student.dump(str(tmp_path / "student_data.py"))
+    config = tmp_path / "student_crd.py"
+    config.write_text(f"""
+_base_ = ['./student_data.py']
+custom_imports = dict(imports=_base_.custom_imports.imports + ['bevcache'], allow_failed_imports=False)
+model = dict(_delete_=True, type='CRDDistiller', student={{{{_base_.model}}}}, cache={str(neck_store)!r})
+distill = None
+custom_hooks = [dict(type='DistillationHook'), dict(type='StudentExportHook')]
+train_cfg = dict(_delete_=True, type='IterBasedTrainLoop', max_iters=1, val_interval=10**9)
+param_scheduler = []
+default_hooks = dict(checkpoint=dict(type='CheckpointHook', interval=1, by_epoch=False))
+train_dataloader = dict(batch_size=1, num_workers=0, persistent_workers=False)
+val_dataloader = None
+val_cfg = None
+val_evaluator = None
+""")
+    tools_train = Path(__import__("mmdet3d").__file__).parent / ".mim" / "tools" / "train.py"
+    proc = run([sys.executable, str(tools_train), str(config), "--work-dir", str(tmp_path / "run")], env)
+    assert "loss_crd_pts_neck" in proc.stdout + proc.stderr
+    assert (tmp_path / "run" / "iter_1.pth").is_file()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -88,10 +88,28 @@ def test_another_dataset_is_refused_before_the_first_step(other_data_root, fp32_
         train(crd_config(other_data_root, fp32_store, tmp_path))
 
 
-def test_samples_without_a_token_are_refused_with_the_fix(data_root, fp32_store, tmp_path):
+def test_samples_without_a_token_get_it_from_the_hook(data_root, fp32_store, tmp_path):
+    """mmdet3d's default meta keys lack 'token': DistillationHook adds it to the built Pack3DDetInputs
+    (whatever launched the run), so every sample is still looked up and checked by its token."""
     cfg = crd_config(data_root, fp32_store, tmp_path)
-    cfg.train_dataloader.dataset.pipeline[-1].pop("meta_keys")  # mmdet3d's default meta keys lack 'token'
-    with pytest.raises(ConfigError, match=r"drops \['token'\].*meta_keys"):
+    cfg.train_dataloader.dataset.pipeline[-1].pop("meta_keys")
+    runner = Runner.from_cfg(cfg)
+    tokens = []
+
+    class Tokens(Hook):
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+            tokens.extend(s.metainfo["token"] for s in data_batch["data_samples"])
+
+    runner.register_hook(Tokens())
+    runner.train()
+    assert len(tokens) == 4 and all(isinstance(t, str) and t for t in tokens)
+    assert "token" in runner.train_dataloader.dataset.pipeline.transforms[-1].meta_keys
+
+
+def test_a_pipeline_without_pack3ddetinputs_is_refused(data_root, fp32_store, tmp_path):
+    cfg = crd_config(data_root, fp32_store, tmp_path)
+    cfg.train_dataloader.dataset.pipeline[-1] = dict(type="PointShuffle")
+    with pytest.raises(ConfigError, match="no Pack3DDetInputs"):
         train(cfg)
 
 
@@ -150,6 +168,24 @@ def test_custom_imports_registers_every_component():
             "(HOOKS, 'TrainGuardHook'), (METRICS, 'SafeNuScenesMetric')]))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.stdout.strip().splitlines()[-1] == "True", result.stderr[-2000:]
+
+
+def test_the_readme_custom_imports_form_adds_to_the_base_configs_imports(tmp_path):
+    """`imports=_base_.custom_imports.imports + ['bevcache']` keeps what the base config imports
+    (BEVFusion's project, here the fused detector's module) instead of replacing it."""
+    child = tmp_path / "student_with_bevcache.py"
+    child.write_text(f"_base_ = [{str(CONFIGS / 'tiny_fused_teacher.py')!r}]\n"
+                     "custom_imports = dict(imports=_base_.custom_imports.imports + ['bevcache'], "
+                     "allow_failed_imports=False)\n")
+    imports = Config.fromfile(str(child)).custom_imports.imports
+    assert imports == ["bevcache.evaluation", "bevcache.fusion", "bevcache"]
+
+
+def test_a_student_whose_module_was_never_imported_is_named_with_the_fix(data_root, fp32_store, tmp_path):
+    cfg = crd_config(data_root, fp32_store, tmp_path)
+    cfg.model.student.type = "BEVFusion"  # as when `imports=['bevcache']` replaced the project's import list
+    with pytest.raises(ConfigError, match=r"'BEVFusion' is not registered .*custom_imports = dict\(imports="):
+        Runner.from_cfg(cfg)
 
 
 def test_the_replay_config_form_binds_the_store_and_refuses_without_views(data_root, teacher_ckpt, fp32_store,

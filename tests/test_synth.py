@@ -435,8 +435,8 @@ def test_zoo_centerpoint_trains_with_object_sample_on_the_synthetic_gt_database(
 
     from bevcache.data import check_data_files, set_data_root
     from bevcache.runtime import setup_runtime
-    from .conftest import iteration_run
 
+    from .conftest import iteration_run
     from .test_data import zoo_config
 
     setup_runtime()
