@@ -18,7 +18,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-BENCHMARKS = ["train_step", "extract", "store", "crd", "views", "fidelity", "spatial"]
+BENCHMARKS = ["train_step", "extract", "store", "crd", "views", "fidelity", "spatial", "startup"]
 
 
 def main() -> None:

@@ -165,8 +165,9 @@ def test_camera_only_is_not_possible_with_the_real_model_class(env):
 # 2. bevcache extract / info / verify with the fused teacher
 
 
-def teacher_neck(cfg, checkpoint: Path, index: int, *, images=None) -> torch.Tensor:
-    """pts_neck of train sample `index` through the test pipeline, computed here without bevcache's hooks."""
+def teacher_neck(cfg, checkpoint: Path, index: int):
+    """pts_neck of train sample `index` through the test pipeline, computed here without bevcache's hooks,
+    as a function of an optional change of the (normalised) images."""
     from mmengine.dataset import pseudo_collate
 
     from bevcache.data import build_base_dataset, test_pipeline
@@ -175,12 +176,17 @@ def teacher_neck(cfg, checkpoint: Path, index: int, *, images=None) -> torch.Ten
     model = build_teacher(cfg, str(checkpoint), "cpu")
     dataset = build_base_dataset(cfg, "train", pipeline=test_pipeline(cfg))  # one sweep: nothing random in it
     batch = model.data_preprocessor(pseudo_collate([dataset[index]]), False)
-    inputs = batch["inputs"]
-    assert inputs["imgs"].shape == (1, 6, 3, 128, 352)
-    if images is not None:
-        inputs = dict(inputs, imgs=images(inputs["imgs"]))
-    with torch.no_grad():
-        (neck,) = model.extract_feat(inputs, [s.metainfo for s in batch["data_samples"]])
+    assert batch["inputs"]["imgs"].shape == (1, 6, 3, 128, 352)
+    metas = [s.metainfo for s in batch["data_samples"]]
+
+    def neck(images=None) -> torch.Tensor:
+        inputs = dict(batch["inputs"])
+        if images is not None:
+            inputs["imgs"] = images(inputs["imgs"])
+        with torch.no_grad():
+            (out,) = model.extract_feat(copy.deepcopy(inputs), metas)
+        return out
+
     return neck
 
 
@@ -194,14 +200,17 @@ def test_extract_pooled_pts_neck_is_the_fused_forward(neck_store, cam_data, teac
     table = store.read_table("pts_neck").float()
     assert torch.isfinite(table).all() and table.std(0).max() > 0
 
-    cfg = small_cfg(cam_data)
     torch.set_num_threads(1)  # spconv on the CPU is reproducible with one thread only
-    neck = teacher_neck(cfg, teacher_checkpoint, 1)
+    forward = teacher_neck(small_cfg(cam_data), teacher_checkpoint, 1)
+    neck = forward()
     assert neck.shape == (1, 512, 48, 48)
     torch.testing.assert_close(table[1], neck.mean((2, 3))[0], atol=2e-3, rtol=2e-3)  # float16 store
-    # The cameras reach pts_neck (fused before pts_backbone): other pixels, other features.
-    dark = teacher_neck(cfg, teacher_checkpoint, 1, images=torch.zeros_like)
-    assert (dark - neck).abs().max() > 1e-2 * neck.abs().max()
+    # The cameras reach pts_neck (fused before pts_backbone): the same forward is bit-identical, one with
+    # black images is not. The change is small with random weights (the backbone's BN shifts dominate
+    # activations of ~1e-3 from either branch) but far above float rounding.
+    assert torch.equal(forward(), neck)
+    dark = forward(torch.zeros_like)
+    assert (dark - neck).abs().max() > 1e-5 * neck.abs().max()
 
 
 @pytest.mark.slow
@@ -225,7 +234,8 @@ def test_info_and_verify_against_the_config(neck_store, cam_data, env):
     info = cli("info", neck_store, env=env).stdout
     assert "4/4 complete" in info and "pts_neck: dim 512" in info and "teacher_lidar_cam_small.py" in info
     proc = cli("verify", neck_store, "--config", TEACHER, "--data-root", cam_data, env=env)
-    assert proc.stdout.startswith("OK:") and "matches it: 4 samples in the same order" in proc.stdout, proc.stdout
+    ok = [line for line in proc.stdout.splitlines() if line.startswith("OK:")]  # after mmengine's dataset log
+    assert len(ok) == 1 and "matches it: 4 samples in the same order" in ok[0], proc.stdout[-2000:]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -277,3 +277,26 @@ def test_spatial_layers_are_stored_with_their_pooled_vectors(data_root, teacher_
     np.testing.assert_allclose(store.read_spatial("pts_neck", [5])[0].astype(np.float32), expected, rtol=2e-3, atol=2e-3)
     pooled = store.read_table("pts_neck")[5].numpy()
     np.testing.assert_allclose(pooled, expected.mean(axis=(1, 2)), rtol=1e-3, atol=1e-3)
+
+
+def test_database_files_are_checked_only_when_the_train_pipeline_runs(data_root, tmp_path):
+    """ObjectSample's database is read by the train pipeline: extraction without views (the test
+    pipeline) does not need it, as mmdet3d's tools/test.py does not; with views it is named up front."""
+    from bevcache.errors import ConfigError
+
+    config = tmp_path / "teacher_with_object_sample.py"
+    config.write_text(
+        f"_base_ = [{str(CONFIGS / 'tiny_teacher.py')!r}]\n"
+        "db_sampler = dict(data_root='data/synthetic-nus/', info_path='data/synthetic-nus/no_such_dbinfos.pkl', "
+        "rate=1.0, prepare=dict(), classes=['car'], sample_groups=dict(car=2), "
+        "points_loader=dict(type='LoadPointsFromFile', coord_type='LIDAR', load_dim=5, use_dim=4))\n"
+        "train_dataloader = dict(dataset=dict(pipeline=[{{_base_.load_points}}, "
+        "dict(type='LoadAnnotations3D', with_bbox_3d=True, with_label_3d=True), "
+        "dict(type='ObjectSample', db_sampler=db_sampler), "
+        "dict(type='Pack3DDetInputs', keys=['points', 'gt_bboxes_3d', 'gt_labels_3d'], "
+        "meta_keys={{_base_.pack_meta_keys}})]))\n")
+    pooled = extract(_opts(data_root, tmp_path / "pooled.zarr", config=str(config)))
+    assert pooled["num_complete"] == pooled["num_samples"]
+    with pytest.raises(ConfigError, match=r"db_sampler\.info_path = .*no_such_dbinfos\.pkl does not exist"):
+        extract(_opts(data_root, tmp_path / "views.zarr", config=str(config), views=1))
+    assert not (tmp_path / "views.zarr").exists()
