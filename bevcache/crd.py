@@ -16,7 +16,8 @@ Written from the paper; differences from the reference implementation (RepDistil
 
 Same loss and gradients, computed differently: the forward works out the gradient w.r.t. the
 embeddings itself (see `CRDLoss._loss`), so no [B, K+1, feat_dim] copy of bank rows is kept for
-the backward (32 MiB per side at B=4, nce_k=16384: on the CPU, 20x the cost of the step's maths).
+the backward (32 MiB per side at B=4, nce_k=16384: on the CPU, allocating that much fresh memory
+every step cost more than all of the step's maths; benchmarks/bench_crd.py).
 """
 
 from __future__ import annotations
@@ -183,13 +184,13 @@ class CRDLoss(nn.Module):
                 # x[b, k] = <bank[contrast[b, k]], e[b]> / T, so
                 # d loss / d e[b] = sum_k d loss / d x[b, k] * bank[contrast[b, k]] / T
                 weight = self._nce_loss_grad(p) / self.nce_t  # [B, K+1]
-                grad = F.embedding_bag(contrast, bank, per_sample_weights=weight, mode="sum")  # [B, F]
-                loss = loss + ((e - e.detach()) * grad).sum()  # adds 0; its gradient w.r.t. e is grad
+                grad = F.embedding_bag(contrast, bank, per_sample_weights=weight, mode="sum")
+                loss = loss + ((e - e.detach()) * grad).sum()  # + 0, with gradient grad [B, F]
         return loss
 
     def _loss_autograd(self, e_s: Tensor, e_t: Tensor, contrast: Tensor) -> Tensor:
-        """`_loss` by plain autograd through the gathered rows (the reference for tests and benchmarks)."""
-        # bank[contrast] is a copy, never the bank itself, so the bank can be updated in place later.
+        """`_loss` by plain autograd through the gathered rows (reference of tests, benchmarks)."""
+        # bank[contrast] is a copy, never the bank itself: the bank can be updated in place later.
         x_s = torch.einsum("bkf,bf->bk", self.memory_t[contrast], e_s) / self.nce_t  # [B, K+1]
         x_t = torch.einsum("bkf,bf->bk", self.memory_s[contrast], e_t) / self.nce_t  # [B, K+1]
         scores_s, scores_t = torch.exp(x_s), torch.exp(x_t)  # [B, K+1] each
@@ -216,10 +217,10 @@ class CRDLoss(nn.Module):
         emb, index = _all_gather_rows(torch.cat([e_s, e_t], dim=1), index)  # [n, 2F], [n]
         # A duplicated index takes the embedding of its last occurrence (in rank order), so all
         # its copies write the same row and index_copy_ is deterministic; no host sync needed.
-        # (n x n comparisons: an [N] lookup table costs more at N = 200k than the rest of the update.)
+        # (n x n comparisons: an [N] lookup table would cost more at N = 200k than the update.)
         position = torch.arange(index.shape[0], device=index.device)  # [n]
         same = index[:, None] == index[None, :]  # [n, n]
-        last = torch.where(same, position, -1).amax(dim=1)  # [n] position of each index's last occurrence
+        last = torch.where(same, position, -1).amax(dim=1)  # [n] each index's last position
         rows_s, rows_t = emb[last].split(self.feat_dim, dim=1)  # [n, F] each
         for bank, rows in ((self.memory_s, rows_s), (self.memory_t, rows_t)):
             mixed = self.nce_m * bank[index] + (1 - self.nce_m) * rows  # [n, F]
@@ -231,7 +232,7 @@ _ROWS_AT_ONCE = 4096  # bank rows `_bank_scores` gathers at a time on the CPU: 2
 
 @torch.no_grad()
 def _bank_scores(emb: Tensor, bank: Tensor, contrast: Tensor) -> Tensor:
-    """<bank[contrast[b, k]], emb[b]> as [B, K+1] (no grad), by the cheaper of two equal computations.
+    """<bank[contrast[b, k]], emb[b]> as [B, K+1] (no grad), by the cheaper of two equal ways.
 
     Scoring all N bank rows and keeping K+1 per sample wins once B*(K+1) >= N. Otherwise the
     B*(K+1) rows are gathered. Off the CPU in one go; on the CPU _ROWS_AT_ONCE at a time, since a

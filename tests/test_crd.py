@@ -354,13 +354,106 @@ def test_negatives_are_resumable_from_the_state_dict():
     assert not torch.equal(crd._contrast_indices(index), a)  # a new step draws new negatives
 
 
-def test_both_scoring_paths_agree():
+def reference(crd: CRDLoss) -> CRDLoss:
+    """A copy of crd computing the loss by plain autograd through the gathered bank rows."""
+    ref = copy.deepcopy(crd)
+    ref._loss = ref._loss_autograd  # type: ignore[method-assign]
+    return ref
+
+
+def loss_and_grads(crd: CRDLoss, f_s, f_t, index) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    f_s = f_s.clone().requires_grad_()
+    crd.zero_grad(set_to_none=True)
+    loss = crd(f_s, f_t, index)
+    loss.backward()
+    return loss.detach(), [f_s.grad, *(p.grad for p in crd.parameters())]
+
+
+@pytest.mark.parametrize(
+    "kw, rows_at_once",
+    [
+        ({}, 4096),  # B*(K+1) = 44 < N = 50 rows: gathered, in one chunk
+        ({}, 3),  # gathered 3 rows at a time: chunk edges inside each sample's K+1
+        ({"nce_k": 30}, 4096),  # 124 >= 50 rows: the full-bank path
+        ({"z_momentum": 0.8, "nce_m": 0.2}, 7),  # Z moves every step
+    ],
+)
+def test_loss_and_gradients_equal_plain_autograd(monkeypatch, kw, rows_at_once):
+    """_loss (scores without grad, its own gradient) == _loss_autograd, as banks and Z move."""
+    monkeypatch.setattr("bevcache.crd._ROWS_AT_ONCE", rows_at_once)
+    crd = make(**kw)
+    ref = reference(crd)
+    for step in range(4):
+        f_s, f_t, index = batch(seed=20 + step)
+        if step == 2:
+            index[1] = index[0]  # a duplicated index in the batch
+        loss, grads = loss_and_grads(crd, f_s, f_t, index)
+        expected_loss, expected_grads = loss_and_grads(ref, f_s, f_t, index)
+        torch.testing.assert_close(loss, expected_loss)
+        for grad, expected in zip(grads, expected_grads, strict=True):
+            torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6)
+        with torch.no_grad():  # the same SGD step on both, so later steps see the same weights
+            for a, b in zip(crd.parameters(), ref.parameters(), strict=True):
+                a -= 0.5 * a.grad
+                b -= 0.5 * b.grad
+        for key in ("memory_s", "memory_t", "z_s", "z_t", "step"):
+            torch.testing.assert_close(getattr(crd, key), getattr(ref, key), rtol=1e-6, atol=1e-6)
+
+
+def test_gradient_reaches_only_what_requires_it():
+    """Frozen teacher embed: its side adds no gradient term, the student side still matches."""
+    crd = make()
+    crd.embed_t.requires_grad_(False)
+    ref = reference(crd)
+    f_s, f_t, index = batch()
+    loss, grads = loss_and_grads(crd, f_s, f_t, index)
+    expected_loss, expected_grads = loss_and_grads(ref, f_s, f_t, index)
+    torch.testing.assert_close(loss, expected_loss)
+    for grad, expected in zip(grads, expected_grads, strict=True):
+        if expected is None:
+            assert grad is None
+        else:
+            torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6)
+    # No grad anywhere (evaluation): a plain value, equal to the reference's.
+    crd.eval()
+    ref.eval()
+    with torch.no_grad():
+        loss = crd(f_s, f_t, index)
+        assert loss.grad_fn is None
+        torch.testing.assert_close(loss, ref(f_s, f_t, index))
+
+
+def test_nce_loss_grad_is_the_derivative_of_nce_loss():
+    crd = make()
+    x = torch.randn(3, crd.nce_k + 1, dtype=torch.float64, requires_grad=True)
+    z = torch.tensor(40.0, dtype=torch.float64)
+    crd._nce_loss(torch.exp(x) / z).backward()
+    torch.testing.assert_close(crd._nce_loss_grad(torch.exp(x.detach()) / z), x.grad)
+
+
+@pytest.mark.parametrize("rows_at_once", [1, 5, 4096])
+def test_scoring_paths_agree(monkeypatch, rows_at_once):
     from bevcache.crd import _bank_scores
 
+    monkeypatch.setattr("bevcache.crd._ROWS_AT_ONCE", rows_at_once)
     torch.manual_seed(0)
     bank, emb = torch.randn(50, 8), torch.randn(3, 8)
-    small = torch.randint(0, 50, (3, 4))  # 12 < 50 rows: gather path
-    large = torch.randint(0, 50, (3, 20))  # 60 >= 50 rows: full-bank path
+    small = torch.randint(0, 50, (3, 11))  # 33 < 50 rows: gathered
+    large = torch.randint(0, 50, (3, 20))  # 60 >= 50 rows: full bank
     for contrast in (small, large):
         expected = torch.stack([bank[contrast[b]] @ emb[b] for b in range(3)])
         torch.testing.assert_close(_bank_scores(emb, bank, contrast), expected)
+    assert _bank_scores(emb.to("meta"), bank.to("meta"), small.to("meta")).shape == small.shape
+
+
+def test_duplicates_across_the_batch_take_their_last_occurrence():
+    crd = make()
+    f_s, f_t, _ = batch(b=6)
+    index = torch.tensor([7, 2, 7, 9, 2, 7])
+    before = crd.memory_t.clone()
+    with torch.no_grad():
+        _, e_t = embeddings(crd, f_s, f_t)
+    crd(f_s, f_t, index)
+    for row, last in ((7, 5), (2, 4), (9, 3)):
+        expected = F.normalize(0.5 * before[row] + 0.5 * e_t[last], dim=0)
+        torch.testing.assert_close(crd.memory_t[row], expected)
