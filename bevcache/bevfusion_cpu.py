@@ -35,6 +35,8 @@ from pathlib import Path
 import torch
 from mmcv.ops import Voxelization as _MMCVVoxelization
 
+from .errors import BEVFusionOpUnavailable
+
 PACKAGE = "projects.BEVFusion.bevfusion"
 # (extension module under projects/BEVFusion/bevfusion, the functions the project calls in it)
 EXTENSIONS = (
@@ -47,10 +49,6 @@ BUILD_HINT = "build it with `python projects/BEVFusion/setup.py develop` in the 
 log = logging.getLogger("bevcache")
 CHANGES: list[str] = []  # what activate() changed in this process (empty: nothing was needed)
 _ACTIVE = False
-
-
-class BEVFusionOpUnavailable(RuntimeError):
-    """A compiled BEVFusion op was called where it cannot run (no CUDA or not compiled)."""
 
 
 class MMCVVoxelization(_MMCVVoxelization):

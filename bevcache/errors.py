@@ -35,6 +35,10 @@ class TrainingInterrupted(BevcacheError):
     """Training stopped on SIGINT/SIGTERM; the message names the checkpoint to resume from."""
 
 
+class BEVFusionOpUnavailable(RuntimeError):
+    """A compiled BEVFusion op was called where it cannot run (no CUDA or not compiled)."""
+
+
 def os_error_text(exc: OSError) -> str:
     """One line for an OSError the user can act on (disk full, read-only or forbidden path, ...)."""
     import errno

@@ -42,10 +42,17 @@ def pick_view(run_seed: int, epoch: int, index: int, num_views: int) -> int:
     return 1 + int.from_bytes(digest[:8], "big") % num_views
 
 
+# Camera images are left out of the digest: a LiDAR student replaying a fused teacher's views never
+# loads them. What it does load (points) and the GT pin the view; the images of a view follow from
+# the same pipeline record and seed.
+UNDIGESTED_INPUTS = ("img",)
+
+
 def input_digest(packed: dict) -> int:
-    """int64 digest of an augmented sample: every input tensor plus the GT boxes and labels."""
+    """int64 digest of an augmented sample: every input tensor but the camera images, plus the GT
+    boxes and labels."""
     h = hashlib.sha256()
-    for key in sorted(packed["inputs"]):
+    for key in sorted(k for k in packed["inputs"] if k not in UNDIGESTED_INPUTS):
         value = packed["inputs"][key]
         if isinstance(value, torch.Tensor):
             h.update(key.encode())
@@ -100,10 +107,30 @@ def pipeline_record(pipeline: Sequence[dict]) -> dict:
     return {"pipeline": json.loads(text), "pipeline_sha256": hashlib.sha256(text.encode()).hexdigest()}
 
 
+def _without_images(steps: Sequence[dict]) -> list[dict]:
+    """A pipeline record without its camera-image steps and packed `img` (what a LiDAR student lacks)."""
+    from .inputs import IMAGE_STEPS
+
+    kept = []
+    for step in steps:
+        if step.get("type") in IMAGE_STEPS:
+            continue
+        if step.get("type") == "Pack3DDetInputs" and "keys" in step:
+            step = {**step, "keys": [k for k in step["keys"] if k != "img"]}
+        kept.append(step)
+    return kept
+
+
 def check_same_pipeline(recorded: dict, student_pipeline: Sequence[dict], *, where: str) -> None:
-    """Refuse when the student's train pipeline is not the one the views were made with."""
+    """Refuse when the student's train pipeline is not the one the views were made with. A student
+    without the teacher's camera steps (a LiDAR student of a fused teacher) matches when everything
+    else is the same: an image step that drew random numbers before a LiDAR transform would change
+    the LiDAR input, which each view's input digest then refuses."""
     mine = pipeline_record(student_pipeline)
     if mine["pipeline_sha256"] == recorded.get("pipeline_sha256"):
+        return
+    theirs_lidar = _without_images(recorded.get("pipeline") or [])
+    if theirs_lidar != recorded.get("pipeline") and _without_images(mine["pipeline"]) == theirs_lidar:
         return
     theirs = recorded.get("pipeline") or []
     lines = []

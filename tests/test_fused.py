@@ -40,24 +40,15 @@ def camera_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def fused_ckpt(tmp_path_factory) -> str:
-    """Random, fixed fused-teacher weights saved the mmengine way (BN statistics perturbed)."""
-    from mmdet3d.registry import MODELS
-    from mmengine.runner import save_checkpoint
+def fused_ckpt(camera_root, tmp_path_factory) -> str:
+    """The fused teacher trained a few iterations on the synthetic cameras (`bevcache train --plain`)."""
+    from mmengine.runner import Runner
 
-    from bevcache.runtime import load_config, setup_runtime
-
-    setup_runtime()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(5)
-        model = MODELS.build(load_config(FUSED).model)
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    path = tmp_path_factory.mktemp("fused-teacher") / "teacher.pth"
-    save_checkpoint({"state_dict": model.state_dict(), "meta": {}}, str(path))
-    return str(path)
+    work = tmp_path_factory.mktemp("fused-teacher")
+    with one_intra_op_thread():
+        cfg = build_train_config(TrainOptions(student=FUSED, plain=True, data_root=str(camera_root)))
+        Runner.from_cfg(iteration_run(cfg, work_dir=work, iters=4, batch_size=2, seed=5, checkpoint_interval=4)).train()
+    return str(work / "iter_4.pth")
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +89,8 @@ def run(cfg, work_dir: Path, iters: int):
 
 
 def test_the_store_holds_the_fused_teacher_and_its_camera_knowledge(camera_root, fused_ckpt, fused_store):
-    """Rows are the fused teacher's own forward on the un-augmented sample; blanking the images
-    changes pts_neck, so the cached features carry what the cameras saw."""
+    """Rows are the (trained) fused teacher's own forward on the un-augmented sample; blanking the
+    images changes pts_neck, so the cached features carry what the cameras saw."""
     from mmengine.dataset import pseudo_collate
 
     from bevcache.data import build_base_dataset, test_pipeline
@@ -193,3 +184,23 @@ def test_camera_only_student_distils_from_the_fused_cache(camera_root, fused_sto
     assert all(keys == ["img"] for keys in rec.batch_inputs)  # no points are loaded for the camera student
     assert all(np.isfinite(v) for loss in rec.losses for v in loss.values())
     assert rec.losses[0]["loss_crd_pts_neck"] > 0
+
+
+def test_lidar_student_replays_the_fused_teachers_augmented_views(camera_root, fused_ckpt, tmp_path):
+    """Views through the fused teacher's augmented pipeline (rotation, scale, flips, then its images):
+    the LiDAR student's pipeline is the same without the camera steps, and every view's LiDAR input
+    is proven identical by its digest before its cached row is used."""
+    store = tmp_path / "views.zarr"
+    with one_intra_op_thread():
+        extract(ExtractOptions(config=FUSED, checkpoint=fused_ckpt, out=str(store), data_root=str(camera_root),
+                               views=2, batch_size=2, num_workers=0, chunk_rows=4, dtype="float32",
+                               progress=False))
+    assert open_store(str(store)).num_views == 2
+    augmented = tmp_path / "student_augmented.py"  # the LiDAR half of the teacher's train pipeline
+    augmented.write_text(f"_base_ = [{LIDAR_STUDENT!r}]\n"
+                         "train_dataloader = dict(dataset=dict(pipeline={{_base_.augmented_train_pipeline}}))\n")
+    runner, rec, seen = run(build_train_config(TrainOptions(
+        student=str(augmented), data_root=str(camera_root), cache=str(store))), tmp_path / "replay", 3)
+    assert runner.model.augmentation == "replay"
+    assert all(keys == ["points"] for keys in seen)
+    assert all(np.isfinite(v) for loss in rec.losses for v in loss.values())
