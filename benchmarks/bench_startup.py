@@ -72,7 +72,7 @@ def main() -> None:
     ]
     walls: dict[str, list[float]] = {name: [] for name, _, _ in cases}
     rss: dict[str, int] = {}
-    for name, module, cmd in cases:  # one warm-up each (page cache), then rounds interleaved below
+    for _name, module, cmd in cases:  # one warm-up each (page cache), then rounds interleaved below
         _timed(module, cmd)
     for _ in range(repeats):
         for name, module, cmd in cases:
