@@ -22,9 +22,11 @@ The 1-minute load average is recorded with every configuration (the machine's ot
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 from common import (
+    REPO,
     device,
     fmt_stat,
     fmt_time,
@@ -38,6 +40,8 @@ from common import (
     write_result,
 )
 
+# This checkout's bevcache, not the one the venv may have installed (editable) from another checkout.
+sys.path.insert(0, str(REPO))
 NAME = "crd"
 PIECES = ["embed", "negatives", "scores", "exp, Z, NCE loss", "gradient rows", "bank update", "backward"]
 
@@ -283,7 +287,9 @@ def main() -> None:
         sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
         profile_table = prof.key_averages().table(sort_by=sort, row_limit=15)
         print(f"\n### torch.profiler, CRDLoss step at N={n}, K={k} (11 steps)\n\n{profile_table}")
-    write_result(NAME, args, {"steps": steps, "ratio_largest_over_smallest_nce_k": ratios, "pieces": pieces,
+    import bevcache.crd
+
+    write_result(NAME, args, {"crd_module": bevcache.crd.__file__, "steps": steps, "ratio_largest_over_smallest_nce_k": ratios, "pieces": pieces,
                               "scores": scores, "fresh_memory": fresh, "profile": profile_table}, mach)
 
 
