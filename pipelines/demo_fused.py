@@ -23,10 +23,10 @@ from pathlib import Path
 
 from common import REPO, bevcache, class_ap, final_metrics, git_state
 
-TRAIN = int(os.environ.get("DEMO_FUSED_TRAIN_SAMPLES", 120))
-VAL = int(os.environ.get("DEMO_FUSED_VAL_SAMPLES", 40))
-TEACHER_EPOCHS = int(os.environ.get("DEMO_FUSED_TEACHER_EPOCHS", 3))
-STUDENT_EPOCHS = int(os.environ.get("DEMO_FUSED_STUDENT_EPOCHS", 3))
+TRAIN = int(os.environ.get("DEMO_FUSED_TRAIN_SAMPLES", 48))
+VAL = int(os.environ.get("DEMO_FUSED_VAL_SAMPLES", 16))
+TEACHER_EPOCHS = int(os.environ.get("DEMO_FUSED_TEACHER_EPOCHS", 2))
+STUDENT_EPOCHS = int(os.environ.get("DEMO_FUSED_STUDENT_EPOCHS", 2))
 DATA = Path(os.environ.get("DEMO_FUSED_DATA", REPO / "data" / "synthetic-nus-cam")).resolve()
 OUT = Path(os.environ.get("DEMO_FUSED_OUT", REPO / "work_dirs" / "demo_fused")).resolve()
 DOCS = REPO / "docs" / "demo_fused"
