@@ -123,8 +123,7 @@ def activate() -> list[str]:
 
     if not cuda or "ops.voxel.voxel_layer" in missing:
         for name in ("bevfusion", "ops", "ops.voxel"):
-            module = importlib.import_module(f"{PACKAGE}.{name}")
-            module.Voxelization = MMCVVoxelization
+            importlib.import_module(f"{PACKAGE}.{name}").Voxelization = MMCVVoxelization  # type: ignore[attr-defined]
         CHANGES.append("voxelization by mmcv.ops.Voxelization (x,y,z columns)")
     if not cuda or "ops.bev_pool.bev_pool_ext" in missing:
         from .bev_pool import bev_pool
@@ -132,7 +131,7 @@ def activate() -> list[str]:
         # depth_lss looks `bev_pool` up in its own globals (`from .ops import bev_pool`); the ops
         # packages are patched too for code that imports it from there after us.
         for name in ("depth_lss", "ops", "ops.bev_pool", "ops.bev_pool.bev_pool"):
-            importlib.import_module(f"{PACKAGE}.{name}").bev_pool = bev_pool
+            importlib.import_module(f"{PACKAGE}.{name}").bev_pool = bev_pool  # type: ignore[attr-defined]
         CHANGES.append("bev_pool (camera branch) by bevcache.bev_pool (torch)")
     if not cuda:
         from .compat import patch_spconv_for_cpu

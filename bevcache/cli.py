@@ -116,7 +116,7 @@ def synth(out_dir: str, samples: int, val_samples: int | None, seed: int, sweeps
 
     summary = generate(out_dir, num_train=samples, num_val=val_samples or max(samples // 4, 2), seed=seed,
                        sweeps=sweeps, progress=True, version="both" if version == "both" else f"v1.0-{version}",
-                       gt_database=not no_gt_database, cameras=cameras, image_size=tuple(image_size))
+                       gt_database=not no_gt_database, cameras=cameras, image_size=(image_size[0], image_size[1]))
     click.echo(json.dumps(summary, indent=2, default=str))
 
 
@@ -162,10 +162,11 @@ def extract(**kwargs) -> None:
 def _size(n: int | None) -> str:
     if n is None:
         return "? bytes"
+    size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
+        if size < 1024 or unit == "GiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{n} B"
+        size /= 1024
     return str(n)
 
 

@@ -32,7 +32,7 @@ def patch_spconv_for_cpu() -> bool:
         except ImportError:  # spconv absent: pillar models need no sparse conv
             return False
         if hasattr(module, "get_current_stream"):
-            module.get_current_stream = _no_stream
+            module.get_current_stream = _no_stream  # type: ignore[attr-defined]
             patched = True
     return patched
 
@@ -44,5 +44,5 @@ def patch_numpy_long() -> bool:
 
     if "long" in vars(np):  # numpy 2 (or older than 1.24); vars(): 1.24-1.26 raise from __getattr__
         return False
-    np.long = np.int_
+    np.long = np.int_  # type: ignore[attr-defined]
     return True

@@ -70,8 +70,8 @@ class CRDLoss(nn.Module):
         # the same moment. DDP needs parameters before wrapping: a distributed run passes both widths.
         self.student_dim, self.teacher_dim = student_dim, teacher_dim
         lazy = not (student_dim and teacher_dim)
-        self.embed_s = nn.LazyLinear(feat_dim) if lazy else nn.Linear(student_dim, feat_dim)
-        self.embed_t = nn.LazyLinear(feat_dim) if lazy else nn.Linear(teacher_dim, feat_dim)  # trained too
+        self.embed_s = nn.LazyLinear(feat_dim) if lazy else nn.Linear(int(student_dim or 0), feat_dim)
+        self.embed_t = nn.LazyLinear(feat_dim) if lazy else nn.Linear(int(teacher_dim or 0), feat_dim)  # trained too
         # Uniform in [-stdv, stdv] has E|row|^2 = 1, as in the reference; we then normalise each
         # row exactly, so that never-visited rows live on the same unit sphere as updated rows
         # and as the embeddings (a bank row is always a unit vector).

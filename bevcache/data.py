@@ -280,10 +280,10 @@ def set_data_root(cfg: Any, data_root: str) -> None:
     evaluators = [item for key in ("val_evaluator", "test_evaluator")
                   for item in (cfg.get(key) if isinstance(cfg.get(key), (list, tuple)) else [cfg.get(key)])
                   if isinstance(item, dict)]
-    old = {str(node["data_root"]) for node in datasets + samplers + evaluators if node.get("data_root")}
+    roots = {str(node["data_root"]) for node in datasets + samplers + evaluators if node.get("data_root")}
     if cfg.get("data_root"):
-        old.add(str(cfg["data_root"]))
-    old = sorted({o.rstrip("/") for o in old if o.rstrip("/")}, key=len, reverse=True)
+        roots.add(str(cfg["data_root"]))
+    old = sorted({o.rstrip("/") for o in roots if o.rstrip("/")}, key=len, reverse=True)
 
     def rebase(path: str, what: str) -> str:
         for o in old:

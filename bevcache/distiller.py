@@ -202,9 +202,9 @@ class CRDDistiller(BaseModel):
         self.cache = cache
         self.replay = self.augmentation == "replay"
         self.num_views = views
-        self.view_digests = None
+        self.view_digests: np.ndarray | None = None
         self.augmentation_order: tuple[str, ...] | None = None  # the warp's recorders, set with the train data
-        self.teacher = None
+        self.teacher: nn.Module | None = None
         self.store_tokens: list[str] | None = None
         self.data_attached = False
         self.lazy_pooled = False
@@ -216,7 +216,7 @@ class CRDDistiller(BaseModel):
             if num_data is None:
                 raise ConfigError("CRDDistiller with an online `teacher` needs num_data (the training set's length; "
                                   "`bevcache train` fills it in). DistillationHook checks it against the data.")
-            self._build_online_teacher(teacher, teacher_checkpoint, trust_checkpoint)
+            self._build_online_teacher(dict(teacher or {}), teacher_checkpoint, trust_checkpoint)
             if self.spatial_cfg:
                 if not self.spatial_cfg["channels"] or not self.spatial_cfg["grid"]:
                     raise ConfigError("CRDDistiller with an online teacher: spatial needs channels (the teacher "
@@ -344,7 +344,7 @@ class CRDDistiller(BaseModel):
         # loaded teacher (nor draw random numbers for it).
         for module in self.teacher.modules():
             if hasattr(module, "is_init"):
-                module.is_init = True
+                module.is_init = True  # type: ignore[assignment]  # mmengine's BaseModule flag
         spatial = dict(self.spatial_cfg.get("layers", {})).values()
         self.teacher_recorder = LayerRecorder(self.teacher, {*self.layers.values(), *spatial}, stop_early=True)
 
@@ -390,7 +390,8 @@ class CRDDistiller(BaseModel):
             maps = {t: torch.stack([getattr(d, map_field(t)) for d in data_samples]).to(rows.device).float()
                     for t in spatial_layers}
             return pooled, maps
-        data = self.teacher.data_preprocessor({"inputs": inputs, "data_samples": data_samples}, False)
+        data = self.teacher.data_preprocessor(  # type: ignore[operator]  # an mmengine preprocessor module
+            {"inputs": inputs, "data_samples": data_samples}, False)
         with torch.no_grad():
             self.teacher_recorder.run(self.teacher, **data, mode="predict")
             outputs, batch = self.teacher_recorder.outputs, len(data_samples)
@@ -436,6 +437,7 @@ class CRDDistiller(BaseModel):
         for sample in data_samples:
             row, view = int(sample.metainfo["sample_idx"]), int(sample.metainfo.get(VIEW_META, 0))
             if view:
+                assert self.view_digests is not None  # replay: read from the store in _open_cache
                 stored = int(self.view_digests[row, view - 1])
                 if int(sample.metainfo[DIGEST_META]) != stored:
                     raise StoreMismatch(
@@ -458,6 +460,7 @@ class CRDDistiller(BaseModel):
                 "CRDDistiller is training without DistillationHook, so nothing checked the training data against "
                 "the teacher (tokens, meta keys, augmentation policy): add "
                 "custom_hooks=[dict(type='DistillationHook')] to the config (bevcache train adds it).")
+        assert data_samples is not None  # the loss needs the samples' metainfo (row, token, GT)
         losses = self.student(**data, mode="loss")
         batch = len(data_samples)
         missing = [n for n in self.student_recorder.layers if n not in self.student_recorder.outputs]

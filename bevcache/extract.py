@@ -261,7 +261,7 @@ def parse_spatial_grids(value: str | dict | None) -> dict[str, tuple[int, int]]:
         try:
             if isinstance(grid, str):
                 grid = [int(g) for g in grid.lower().split("x")]
-            grid = (int(grid), int(grid)) if isinstance(grid, int) else tuple(int(g) for g in grid)
+            grid = (int(grid), int(grid)) if isinstance(grid, int) else tuple(int(g) for g in grid or ())
             if len(grid) == 1:
                 grid = (grid[0], grid[0])
             if len(grid) != 2 or min(grid) < 1:

@@ -81,7 +81,7 @@ def first_map(output: Any, batch_size: int | None = None) -> Tensor:
 
 def spatial_map(output: Any, grid: tuple[int, int], batch_size: int | None = None) -> Tensor:
     """A layer's BEV map (`first_map`) adaptive-average-pooled to `grid` (h, w): [B, C, h, w]."""
-    return F.adaptive_avg_pool2d(first_map(output, batch_size), tuple(int(g) for g in grid))
+    return F.adaptive_avg_pool2d(first_map(output, batch_size), (int(grid[0]), int(grid[1])))
 
 
 def resolve_module(model: nn.Module, name: str) -> nn.Module:

@@ -95,6 +95,7 @@ class FusedCenterPoint(CenterPoint):
             x = x[0]  # the finest level, as BEVFusion does
         x = x.view(B, N, *x.shape[1:])  # [B, N, C_img, fH, fW]
         geo = camera_matrices(metas, N, device=x.device)
+        assert self.view_transform is not None  # with_camera: built in __init__
         return self.view_transform(x, (H, W), geo["cam2img"], geo["lidar2cam"], geo["img_aug"], geo["lidar_aug"])
 
     def extract_lidar_bev(self, voxel_dict: dict, batch_size: int) -> Tensor:

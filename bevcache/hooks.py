@@ -38,7 +38,7 @@ def restart_loader_workers(loop) -> None:
     # mmengine's InfiniteSampler yields from one index generator made at init, which closing the old
     # iterator closes too: a fresh one (same seed, so the same order as a fresh start).
     sampler = getattr(loop.dataloader, "sampler", None)
-    if hasattr(sampler, "_indices_of_rank") and hasattr(sampler, "indices"):
+    if sampler is not None and hasattr(sampler, "_indices_of_rank") and hasattr(sampler, "indices"):
         sampler.indices = sampler._indices_of_rank()
     loop.dataloader_iterator = type(iterator)(loop.dataloader)
 

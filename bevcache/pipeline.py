@@ -260,6 +260,7 @@ class _Prober:
     def _nested(self, pos, cfg, built, nested, x, where) -> bool:
         """Probe a random wrapper's children; False when random children alone explain it."""
         children = _children(built)
+        assert children is not None  # _nested is called for wrappers only
         recorders = [_Recorder(c) for c in children]
         children[:] = recorders
         try:

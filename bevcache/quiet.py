@@ -107,7 +107,7 @@ def gather_mmengine_notices() -> None:
             return False
         return original(self, record)
 
-    MMLogger.filter = filter  # type: ignore[method-assign]
+    MMLogger.filter = filter
     _UNDO.append(lambda: setattr(MMLogger, "filter", original))
 
 

@@ -59,7 +59,7 @@ def parse_cfg_options(options: Sequence[str] | dict | None) -> dict:
     return {**parsed, **literal}
 
 
-def load_config(path: str | os.PathLike, cfg_options: tuple[str, ...] | list[str] | None = None):
+def load_config(path: str | os.PathLike, cfg_options: Sequence[str] | dict | None = None):
     """Load an mmengine config file (with overrides), or raise ConfigError saying what is wrong."""
     from mmengine.config import Config
 

@@ -50,6 +50,7 @@ def _rescale_scheduler(sched: dict, *, epochs_before: int | None, max_epochs: in
         factor = max_iters / epochs_before
         s.update(by_epoch=False, convert_to_iter_based=False)
     else:
+        assert max_epochs is not None  # one of the two is given (set_run_length)
         factor = max_epochs / epochs_before
     s["begin"] = _scaled(s.get("begin", 0), factor)
     s["end"] = max(_scaled(end, factor), s["begin"] + 1)
@@ -87,10 +88,12 @@ def set_run_length(cfg: Any, *, max_iters: int | None = None, max_epochs: int | 
         length, by_epoch = int(max_iters), False
         cfg.log_processor = {**dict(cfg.get("log_processor") or {}), "by_epoch": False}
     else:
+        assert max_epochs is not None  # given: max_iters is None here
+        epochs = int(max_epochs)
         before = int((cfg.get("train_cfg") or {}).get("val_interval", 1))
-        cfg.train_cfg = dict(type="EpochBasedTrainLoop", max_epochs=int(max_epochs),
-                             val_interval=int(val_interval) if val_interval else min(before, int(max_epochs)))
-        length, by_epoch = int(max_epochs), True
+        cfg.train_cfg = dict(type="EpochBasedTrainLoop", max_epochs=epochs,
+                             val_interval=int(val_interval) if val_interval else min(before, epochs))
+        length, by_epoch = epochs, True
     checkpoint = dict(hooks.get("checkpoint") or {"type": "CheckpointHook"})
     checkpoint.update(by_epoch=by_epoch, save_last=True,
                       interval=min(int(checkpoint.get("interval", length)), length) if by_epoch else length)

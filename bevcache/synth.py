@@ -371,10 +371,11 @@ def write_gt_database(out: str | Path, *, progress: bool = False) -> dict:
         raise ConfigError(f"mmdet3d's ground-truth database creator is missing (looked in {[str(w) for w in where]}); "
                           "install mmdet3d from its wheel (make setup), or pass gt_database=False.")
     spec = importlib.util.spec_from_file_location("bevcache_mmdet3d_create_gt_database", path)
+    assert spec is not None and spec.loader is not None  # a .py file that exists
     creator = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(creator)
     if not progress:  # its progress bar writes to the stdout bound at mmengine's import, and it prints counts
-        creator.track_iter_progress = lambda tasks: tasks
+        creator.track_iter_progress = lambda tasks: tasks  # type: ignore[attr-defined]
     out = Path(out)
     start = time.perf_counter()
     with contextlib.nullcontext() if progress else contextlib.redirect_stdout(io.StringIO()):
@@ -434,7 +435,7 @@ def _place_objects(
                 vel, yaw = speed * np.array([math.cos(heading), math.sin(heading)]), heading
             else:
                 vel, yaw = np.zeros(2), float(rng.uniform(-math.pi, math.pi))
-            obj = _Object(label, lwh, p0, vel, yaw)
+            obj = _Object(label, lwh, p0, vel, yaw)  # type: ignore[arg-type]  # lwh: three floats
             if _fits(obj, placed, t0, t1, lidar2ego, spec.eval_range):
                 placed.append(obj)
                 break
@@ -655,7 +656,7 @@ def _write_scene(out: Path, tables: dict, infos: list, scene: _Scene, rig: _Rig 
         tables["sample"].append(_sample_row(scene, k))
         instances = _annotate(tables, scene, k, boxes, lidar.in_boxes)
         # Without cameras `images` stays empty, as before (a LiDAR-only NuScenesDataset never reads it).
-        images = _write_camera_frame(out, scene, k, boxes, rig, look, camera_sd) if rig else {}
+        images = _write_camera_frame(out, scene, k, boxes, rig, look, camera_sd) if rig and look else {}
         infos.append(
             {
                 "token": scene.sample_token(k),
@@ -747,7 +748,8 @@ def _write_lidar_frame(out: Path, scene: _Scene, k: int, boxes: np.ndarray) -> _
     fname = f"{scene.log_name}__LIDAR_TOP__{t_us}.pcd.bin"
     points.tofile(out / "samples" / "LIDAR_TOP" / fname)
 
-    rows, sweep_infos = [], []
+    rows: list[dict] = []
+    sweep_infos: list[dict] = []
     for j in range(scene.sweeps, 0, -1):  # oldest first in the sample_data chain
         ts_us = t_us - j * SWEEP_PERIOD_US
         sweep_pts, _ = _scan(
@@ -854,7 +856,8 @@ def _specs(cue: bool) -> tuple[_ClassSpec, ...]:
     """The class specs; with the camera cue, the cue classes take one shared LiDAR geometry."""
     if not cue:
         return _SPECS
-    return tuple(replace(s, **CUE_GEOMETRY) if c in CUE_CLASSES else s for c, s in zip(CLASSES, _SPECS, strict=True))
+    return tuple(replace(s, **CUE_GEOMETRY) if c in CUE_CLASSES else s  # type: ignore[arg-type]
+                 for c, s in zip(CLASSES, _SPECS, strict=True))
 
 
 def _cue_record() -> dict:

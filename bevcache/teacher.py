@@ -61,8 +61,8 @@ def _history_buffer_attribute(owner: type, name: str) -> Any:
 SAFE_GLOBALS: list[Any] = [
     HistoryBuffer,
     (_history_buffer_attribute, "builtins.getattr"),
-    np.core.multiarray._reconstruct,
-    np.core.multiarray.scalar,
+    np.core.multiarray._reconstruct,  # type: ignore[attr-defined]
+    np.core.multiarray.scalar,  # type: ignore[attr-defined]
     np.ndarray,
     np.dtype,
     np.dtypes.Float64DType,  # the weights-only loader BUILDs dtypes by their exact class
@@ -159,9 +159,9 @@ def _mismatch_summary(text: str, limit: int = 3) -> str:
         parts.append(f"size mismatch for {m.group(1)}: checkpoint {m.group(2)[11:-1]} vs model {m.group(3)[11:-1]}")
     for label, pattern in (("unexpected keys", r"unexpected key in source state_dict: (.*)"),
                            ("missing keys", r"missing keys in source state_dict: (.*)")):
-        m = re.search(pattern, text)
-        if m:
-            keys = [k for k in m.group(1).strip().split(", ") if k]
+        found = re.search(pattern, text)
+        if found:
+            keys = [k for k in found.group(1).strip().split(", ") if k]
             more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
             parts.append(f"{label} {', '.join(keys[:limit])}{more}")
     return "; ".join(parts[: limit + 2]) or _one_line(text, 300)
@@ -236,7 +236,7 @@ def probe_widths(model: nn.Module, dataset: Any, layers: Sequence[str],
     with LayerRecorder(model, layers, stop_early=True) as rec, torch.no_grad():
         model.eval()
         try:
-            data = model.data_preprocessor(pseudo_collate([dataset[0]]), False)
+            data = model.data_preprocessor(pseudo_collate([dataset[0]]), False)  # type: ignore[operator]
             rec.run(model, **data, mode="predict")
         finally:
             model.train(was_training)
@@ -250,12 +250,14 @@ def student_state_dict(state: Mapping[str, Any]) -> OrderedDict:
         out = OrderedDict((k[len(_STUDENT):], v) for k, v in state.items() if k.startswith(_STUDENT))
         if metadata is not None:
             # "student" is the student's own root entry (""), "student.x" its submodule "x"
-            out._metadata = OrderedDict(("" if k == "student" else k[len(_STUDENT):], v) for k, v in metadata.items()
-                                        if k == "student" or k.startswith(_STUDENT))
+            out._metadata = OrderedDict(  # type: ignore[attr-defined]  # what load_state_dict reads
+                ("" if k == "student" else k[len(_STUDENT):], v) for k, v in metadata.items()
+                if k == "student" or k.startswith(_STUDENT))
         return out
     out = OrderedDict((k, v) for k, v in state.items() if not k.startswith("crd."))
     if metadata is not None:
-        out._metadata = OrderedDict((k, v) for k, v in metadata.items() if k != "crd" and not k.startswith("crd."))
+        out._metadata = OrderedDict(  # type: ignore[attr-defined]
+            (k, v) for k, v in metadata.items() if k != "crd" and not k.startswith("crd."))
     return out
 
 
@@ -270,7 +272,7 @@ def export_student(checkpoint: str, out: str, *, trust: bool = False) -> str:
     if not state:
         raise CheckpointError(f"checkpoint {checkpoint} holds no student weights; pass a checkpoint of "
                               "`bevcache train` (a work dir's epoch_N.pth / iter_N.pth).")
-    source_meta = ckpt.get("meta") if isinstance(ckpt.get("meta"), dict) else {}
+    source_meta: dict = ckpt["meta"] if isinstance(ckpt.get("meta"), dict) else {}
     meta = {"exported_from": str(checkpoint), "bevcache_version": __version__,
             # mmdet3d's init_model takes the class names from here
             **{k: source_meta[k] for k in ("dataset_meta", "epoch", "iter", "mmengine_version") if k in source_meta}}

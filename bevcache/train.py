@@ -155,7 +155,7 @@ def build_train_config(opts: TrainOptions):
             cfg.custom_hooks = [*cfg.get("custom_hooks", []), dict(type="StudentExportHook")]
             return cfg
         model = distiller_model_cfg(cfg.model, settings)
-    if online:
+    if opts.teacher_online is not None:
         teacher_cfg = load_config(opts.teacher_online)
         model.pop("cache", None)
         model.update(teacher=teacher_cfg.model.to_dict(), teacher_checkpoint=opts.teacher_checkpoint,

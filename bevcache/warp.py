@@ -214,24 +214,25 @@ def _composed(metainfo: Mapping[str, Any], order: Sequence[str]) -> np.ndarray:
     if unknown:  # the matrix-only recorder: lidar_aug_matrix = after @ U @ before over matrix recorders
         at = unknown[0]
         before, after = np.eye(3), np.eye(3)
-        for i, name in enumerate(order):
-            if RECORDERS[name][0] == "both":
+        for i, (name, known) in enumerate(zip(order, own, strict=True)):
+            if RECORDERS[name][0] == "both" and known is not None:
                 if i < at:
-                    before = own[i] @ before
+                    before = known @ before
                 else:
-                    after = own[i] @ after
+                    after = known @ after
         own[at] = np.linalg.inv(after) @ matrix @ np.linalg.inv(before)
     elif any(RECORDERS[n][0] == "both" for n in order):
         expected = np.eye(3)
-        for name, a in zip(order, own, strict=True):
-            if RECORDERS[name][0] == "both":
-                expected = a @ expected
+        for name, known in zip(order, own, strict=True):
+            if RECORDERS[name][0] == "both" and known is not None:
+                expected = known @ expected
         if not np.allclose(expected, matrix, atol=1e-5):
             raise WarpError("lidar_aug_matrix disagrees with the pcd_* keys of BEVFusionGlobalRotScaleTrans; a "
                             "transform outside the known ones changed it.")
     total = np.eye(3)
-    for a in own:
-        total = a @ total  # type: ignore[operator]  (every entry is solved by now)
+    for known in own:
+        assert known is not None  # every recorder's matrix is known or solved by now
+        total = known @ total
     return total
 
 
@@ -262,9 +263,9 @@ def bev_transform(metainfo: Mapping[str, Any], order: Sequence[str] | None = Non
         np.allclose(a, f @ keyed, atol=1e-5) or np.allclose(a, keyed @ f, atol=1e-5) for f in flips
     ):
         raise WarpError(
-            f"lidar_aug_matrix and the pcd_* keys (flow {flow}) record different augmentations and their joint "
-            "order is not known here: pass the pipeline's order (bev_transform(meta, augmentation_order(names)); "
-            "the distiller does)."
+            f"lidar_aug_matrix and the pcd_* keys (flow {flow}) record different augmentations: the pipeline mixes "
+            "mmdet3d's and BEVFusion's augmentation transforms, whose joint order the record alone does not hold: "
+            "pass the pipeline's order (bev_transform(meta, augmentation_order(names)); the distiller does)."
         )
     return a
 

@@ -66,7 +66,7 @@ def check_train_data(distiller: Any, dataset: Any, pipeline_cfg: list) -> None:
         mine = fingerprint_tokens(tokens)["sha256"]
         theirs = distiller.store_fingerprint.get("sha256")
         if mine != theirs:
-            first = next((i for i, (a, b) in enumerate(zip(tokens, distiller.store_tokens, strict=True)) if a != b), None)
+            first = next((i for i, (a, b) in enumerate(zip(tokens, distiller.store_tokens, strict=True)) if a != b), 0)
             raise StoreMismatch(
                 f"the training set is not the dataset the store {distiller.cache} was extracted from (token sha256 "
                 f"{mine[:12]} vs {str(theirs)[:12]}; first different row {first}: {tokens[first]!r} vs "

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from .conftest import CONFIGS, bevcache_cmd
+from .conftest import CONFIGS, bevcache_cmd, one_intra_op_thread
 from .test_bevfusion import CHECKOUT, needs_checkout_files, run
 
 pytestmark = [
@@ -36,7 +36,6 @@ pytestmark = [
 ]
 TEACHER_FULL = CONFIGS / "bevfusion" / "teacher_lidar_cam.py"
 TEACHER = CONFIGS / "bevfusion" / "teacher_lidar_cam_small.py"
-LIDAR_TEACHER = CONFIGS / "bevfusion" / "teacher_lidar_small.py"
 STUDENT = CONFIGS / "bevfusion" / "student_lidar_small.py"
 TRAIN_SAMPLES, VAL_SAMPLES = 4, 2
 TIMES: dict[str, float] = {}  # wall time per CLI command (shown by `pytest -rA` in the last test's output)
@@ -200,16 +199,16 @@ def test_extract_pooled_pts_neck_is_the_fused_forward(neck_store, cam_data, teac
     table = store.read_table("pts_neck").float()
     assert torch.isfinite(table).all() and table.std(0).max() > 0
 
-    torch.set_num_threads(1)  # spconv on the CPU is reproducible with one thread only
-    forward = teacher_neck(small_cfg(cam_data), teacher_checkpoint, 1)
-    neck = forward()
-    assert neck.shape == (1, 512, 48, 48)
-    torch.testing.assert_close(table[1], neck.mean((2, 3))[0], atol=2e-3, rtol=2e-3)  # float16 store
-    # The cameras reach pts_neck (fused before pts_backbone): the same forward is bit-identical, one with
-    # black images is not. The change is small with random weights (the backbone's BN shifts dominate
-    # activations of ~1e-3 from either branch) but far above float rounding.
-    assert torch.equal(forward(), neck)
-    dark = forward(torch.zeros_like)
+    with one_intra_op_thread():  # spconv on the CPU is reproducible with one thread only
+        forward = teacher_neck(small_cfg(cam_data), teacher_checkpoint, 1)
+        neck = forward()
+        assert neck.shape == (1, 512, 48, 48)
+        torch.testing.assert_close(table[1], neck.mean((2, 3))[0], atol=2e-3, rtol=2e-3)  # float16 store
+        # The cameras reach pts_neck (fused before pts_backbone): the same forward is bit-identical, one
+        # with black images is not. The change is small with random weights (the backbone's BN shifts
+        # dominate activations of ~1e-3 from either branch) but far above float rounding.
+        assert torch.equal(forward(), neck)
+        dark = forward(torch.zeros_like)
     assert (dark - neck).abs().max() > 1e-5 * neck.abs().max()
 
 

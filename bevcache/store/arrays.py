@@ -41,7 +41,7 @@ class Arrays:
                     f"{getattr(arr, 'dtype', '')}, chunks {getattr(arr, 'chunks', '')}, shards "
                     f"{getattr(arr, 'shards', '')}): {RECREATE}."
                 )
-            self._open[path] = arr
+            self._open[path] = arr  # type: ignore[assignment]  # layout.matches: an Array
         return self._open[path]
 
     def read(self, path: str) -> tuple[np.ndarray, list[tuple[int, int, str]]]:
@@ -49,7 +49,7 @@ class Arrays:
         (which read as the fill value)."""
         arr = self.get(path)
         try:
-            return arr[...], []
+            return np.asarray(arr[...]), []
         except Exception:
             pass
         out = np.empty(arr.shape, dtype=arr.dtype)
@@ -80,7 +80,7 @@ class Arrays:
             for s in range(start, stop, step):
                 e = min(s + step, stop)
                 try:
-                    yield s, arr[s:e], []
+                    yield s, np.asarray(arr[s:e]), []
                     continue
                 except Exception:
                     pass

@@ -156,7 +156,7 @@ class FeatureStore:
         path = self.feature_path(layer)
         rows = self._rows(rows)
         try:
-            return self.arrays.get(path).oindex[rows]
+            return np.asarray(self.arrays.get(path).oindex[rows])
         except Exception as exc:
             raise StoreError(f"reading rows of array {path} of store {self.url} failed ({why(exc)}); "
                              "run `bevcache verify` to locate the damage.") from exc
@@ -174,7 +174,7 @@ class FeatureStore:
         if rows.size:
             wanted = np.unique(rows)
             try:  # only the mask chunks of these rows
-                done = self.arrays.get("complete").oindex[wanted] == 1
+                done = np.asarray(self.arrays.get("complete").oindex[wanted]) == 1
             except Exception:  # a torn mask chunk: its rows count as not written
                 done = self.complete_mask()[wanted]
             if not done.all():
@@ -184,7 +184,8 @@ class FeatureStore:
             pick = np.flatnonzero((views > 0) == augmented)
             if pick.size == 0:
                 continue
-            keys = [(int(rows[i]), int(views[i]) - 1) if augmented else (int(rows[i]),) for i in pick]
+            keys: list[tuple[int, ...]] = [(int(rows[i]), int(views[i]) - 1) if augmented else (int(rows[i]),)
+                                           for i in pick]
             out[pick], bad = self.arrays.rows(path, keys)
             if bad:
                 raise StoreError(damage_text(self.url, path, sorted(set(bad))))

@@ -103,7 +103,7 @@ def info(store: FeatureStore) -> dict:
                 for kind in ("spatial", "spatial_views")[: 1 + bool(k)]]
         spatial[spec.name] = {"channels": spec.channels, "height": spec.height, "width": spec.width,
                               "dtype": SPATIAL_DTYPE, "bytes_raw": raw,
-                              "bytes_on_disk": None if None in disk else sum(disk)}
+                              "bytes_on_disk": None if None in disk else sum(d for d in disk if d is not None)}
         per_row += raw // n
     bytes_raw = n * per_row + n * (1 + store.layout.token_width + 8)
     on_disk = bytes_on_disk(store.url, store.arrays.group)
@@ -164,12 +164,12 @@ def differences(store: FeatureStore, *, dataset: dict | None, teacher: dict | No
         diffs.append(f"augmented views per sample: expected {int(views)}, found {store.num_views}")
     if spatial is not None:
         wanted = {s.name: s for s in parse_spatial(spatial)}
-        for name, spec in wanted.items():
+        for name, sspec in wanted.items():
             have = store.spatial.get(name)
             if have is None:
                 diffs.append(f"spatial layer {name!r}: expected, not in the store (it has {list(store.spatial)})")
-            elif have.shape != spec.shape:
-                diffs.append(f"spatial layer {name!r} (C, h, w): expected {spec.shape}, found {have.shape}")
+            elif have.shape != sspec.shape:
+                diffs.append(f"spatial layer {name!r} (C, h, w): expected {sspec.shape}, found {have.shape}")
         for name in store.spatial:
             if name not in wanted:
                 diffs.append(f"spatial layer {name!r}: in the store, not expected")

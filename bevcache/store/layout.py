@@ -99,10 +99,10 @@ class Layout:
             self._create(group, f"features/{spec.array_name}", np.nan, {"layer": spec.name, "pooling": spec.pooling})
             if self.views:
                 self._create(group, f"views/{spec.array_name}", np.nan, {"layer": spec.name, "pooling": spec.pooling})
-        for spec in self.spatial.values():
-            self._create(group, f"spatial/{spec.array_name}", np.nan, {"layer": spec.name})
+        for sspec in self.spatial.values():
+            self._create(group, f"spatial/{sspec.array_name}", np.nan, {"layer": sspec.name})
             if self.views:
-                self._create(group, f"spatial_views/{spec.array_name}", np.nan, {"layer": spec.name})
+                self._create(group, f"spatial_views/{sspec.array_name}", np.nan, {"layer": sspec.name})
         if self.views:
             self._create(group, "view_digests", 0)
         self._create(group, "complete", 0)

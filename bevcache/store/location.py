@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import zarr
+from zarr.abc.store import Store
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
@@ -34,7 +35,7 @@ def local_root(url: str) -> Path:
     return Path(url.removeprefix("file://"))
 
 
-def make_store(url: str, *, read_only: bool, storage_options: dict | None) -> zarr.abc.store.Store:
+def make_store(url: str, *, read_only: bool, storage_options: dict | None) -> Store:
     """The zarr Store object for url (nothing is read or written yet)."""
     if is_remote(url):
         options = {"use_listings_cache": False, **(storage_options or {})}

@@ -29,7 +29,7 @@ def _check_name(name: Any) -> None:
 
 
 def _positive(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= 1
+    return bool(not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= 1)
 
 
 @dataclass(frozen=True)

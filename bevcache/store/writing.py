@@ -47,6 +47,7 @@ def write_block(store: FeatureStore, start: int, features: Mapping[str, Any], *,
     _same_layers(where, "spatial", spatial, list(layout.spatial))
     _same_layers(where, "spatial_views", spatial_views, list(layout.spatial) if k else [])
 
+    views, spatial, spatial_views = views or {}, spatial or {}, spatial_views or {}  # checked above
     out: dict[str, np.ndarray] = {}
     for name, spec in layout.layers.items():
         out[f"features/{spec.array_name}"] = _checked(store, name, start, features[name], (n, spec.dim), layout.dtype)
@@ -57,11 +58,11 @@ def write_block(store: FeatureStore, start: int, features: Mapping[str, Any], *,
         if digests.shape != (n, k):
             raise StoreError(f"{where}: digests must have shape ({n}, {k}). Got {digests.shape}.")
         out["view_digests"] = digests
-    for name, spec in layout.spatial.items():
-        out[f"spatial/{spec.array_name}"] = _checked(store, name, start, spatial[name], (n, *spec.shape), SPATIAL_DTYPE)
+    for name, sspec in layout.spatial.items():
+        out[f"spatial/{sspec.array_name}"] = _checked(store, name, start, spatial[name], (n, *sspec.shape), SPATIAL_DTYPE)
         if k:
-            out[f"spatial_views/{spec.array_name}"] = _checked(store, name, start, spatial_views[name],
-                                                               (n, k, *spec.shape), SPATIAL_DTYPE)
+            out[f"spatial_views/{sspec.array_name}"] = _checked(store, name, start, spatial_views[name],
+                                                               (n, k, *sspec.shape), SPATIAL_DTYPE)
 
     # All checked: only now touch the store.
     arrays = store.arrays
