@@ -361,6 +361,7 @@ def dataset_matches_store(store: Any, config: str, cfg_options: Sequence[str] = 
     if data_root:
         set_data_root(cfg, data_root)
     split = store.attrs.get("split", "train")
+    summary_shown(base_dataset_cfg(cfg, split))  # a check, not a data run: no dataset table
     dataset = build_base_dataset(cfg, split, pipeline=test_pipeline(cfg))
     fingerprint = fingerprint_tokens(dataset_identity(dataset)[0])
     store.check_matches(dataset=fingerprint)

@@ -32,11 +32,14 @@ def _pack(pipeline: list) -> dict | None:
 
 
 def teacher_only_keys(teacher_cfg: Any, student_cfg: Any) -> tuple[str, ...]:
-    """Packed input keys of the teacher's (test) pipeline that the student's train pipeline lacks."""
-    teacher_pack = _pack(test_pipeline(teacher_cfg)) or {}
-    student_pack = _pack(list(unwrap_dataset_cfg(student_cfg.train_dataloader.dataset).get("pipeline") or [])) or {}
-    return tuple(k for k in teacher_pack.get("keys", ()) if k not in student_pack.get("keys", ())
-                 and k in ("img",))
+    """Inputs the teacher's (test) pipeline loads and the student's train pipeline does not. Decided by
+    the loading steps, not by Pack3DDetInputs' keys: BEVFusion-L's LiDAR config packs 'img' too
+    (Pack skips absent keys), although nothing loads an image."""
+    teacher = test_pipeline(teacher_cfg)
+    student = list(unwrap_dataset_cfg(student_cfg.train_dataloader.dataset).get("pipeline") or [])
+    teacher_loads = any(_name(s) in IMAGE_STEPS for s in teacher)
+    student_loads = any(_name(s) in IMAGE_STEPS for s in student)
+    return ("img",) if teacher_loads and not student_loads else ()
 
 
 def add_teacher_inputs(cfg: Any, teacher_cfg: Any) -> tuple[str, ...]:

@@ -21,7 +21,8 @@ from pathlib import PurePath
 THIRD_PARTY_LOGGERS = ("torch.fx._symbolic_trace",)
 # Deprecation notices mmengine and mmdet3d log (through mmengine's logger, not `warnings`) on every run.
 KNOWN_MMENGINE_MESSAGES = ('"FileClient" will be deprecated', '"HardDiskBackend" is the alias',
-                           "is not a meta file, simply parsed as meta information")
+                           "is not a meta file, simply parsed as meta information",
+                           "No pre-trained weights for")  # a teacher's weights load right after it
 # mmdet3d's Det3DDataset summary: three records per build.
 SUMMARY_PREFIXES = ("The length of training dataset", "The length of test dataset",
                     "The number of instances per category")
@@ -35,6 +36,8 @@ THIRD_PARTY = ("spconv", "cumm", "torch", "mmengine", "mmcv", "mmdet", "mmdet3d"
 def third_party_source(filename: str) -> str | None:
     """The third-party package a warning was raised in (by its file under site-packages), or None."""
     parts = PurePath(filename).parts
+    if "projects" in parts and "BEVFusion" in parts:  # mmdetection3d's project, from a user's checkout
+        return "mmdet3d"
     for marker in ("site-packages", "dist-packages"):
         if marker in parts:
             rest = parts[parts.index(marker) + 1:]

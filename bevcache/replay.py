@@ -150,7 +150,8 @@ def check_same_pipeline(recorded: dict, student_pipeline: Sequence[dict], *, whe
     raise StoreMismatch(
         f"the student's train pipeline differs from the one the views in {where} were made with: "
         + "; ".join(lines or ["(same steps, different order)"])
-        + ". Use the teacher's train pipeline in the student config, or re-extract with the student's."
+        + ". Use the teacher's train pipeline in the student config (a LiDAR student of a fused teacher: its "
+        "LiDAR steps, in the same order), or train with augmentation='keep' (pooled CRD) or 'warp' (spatial maps)."
     )
 
 

@@ -263,3 +263,15 @@ def test_lidar_student_from_the_fused_cache(tmp_path, neck_store, cam_data, env)
     assert torch.equal(model.state_dict()[weight], trained[f"student.{weight}"])
     assert not any(k.startswith(("teacher.", "img_")) for k in torch.load(exported, weights_only=False)["state_dict"])
     print("wall time per command:", {k: round(v, 1) for k, v in TIMES.items()})
+
+
+@pytest.mark.slow
+def test_lidar_student_with_the_online_fused_teacher(tmp_path, cam_data, teacher_checkpoint, env):
+    """The online reference where teacher and student read different inputs: one loader loads the
+    cameras for the fused teacher; the LiDAR student (whose Pack3DDetInputs lists 'img' although
+    nothing loads one) never sees them."""
+    work = tmp_path / "online"
+    proc = cli("train", "--student", STUDENT, "--teacher-online", TEACHER, "--teacher-checkpoint", teacher_checkpoint,
+               "--data-root", cam_data, "--max-iters", 2, "--work-dir", work, env=env)
+    out = proc.stdout + proc.stderr
+    assert (work / "iter_2.pth").is_file() and "loss_crd_pts_neck" in out

@@ -204,3 +204,20 @@ def test_lidar_student_replays_the_fused_teachers_augmented_views(camera_root, f
     assert runner.model.augmentation == "replay"
     assert all(keys == ["points"] for keys in seen)
     assert all(np.isfinite(v) for loss in rec.losses for v in loss.values())
+
+
+def test_the_teacher_inputs_are_decided_by_loading_steps_not_pack_keys(camera_root):
+    """BEVFusion-L's LiDAR student packs 'img' although nothing loads one: the fused teacher's image
+    steps are still added to the one loader (else the teacher would run without its cameras)."""
+    from bevcache.data import set_data_root, unwrap_dataset_cfg
+    from bevcache.inputs import add_teacher_inputs
+    from bevcache.runtime import load_config
+
+    student, teacher = load_config(LIDAR_STUDENT), load_config(FUSED)
+    set_data_root(student, str(camera_root))
+    pipeline = unwrap_dataset_cfg(student.train_dataloader.dataset).pipeline
+    pipeline[-1]["keys"] = [*pipeline[-1]["keys"], "img"]
+    assert add_teacher_inputs(student, teacher) == ("img",)
+    types = [s["type"] for s in unwrap_dataset_cfg(student.train_dataloader.dataset).pipeline]
+    assert types[-2:] == ["LoadMultiViewImageFromFiles", "Pack3DDetInputs"]
+    assert add_teacher_inputs(load_config(FUSED), teacher) == ()  # a student that loads images itself
