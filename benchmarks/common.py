@@ -23,6 +23,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+# This checkout's bevcache, not the editable install's (a benchmark run from a clean worktree must
+# measure the worktree's code); also makes `tests.conftest` importable.
+sys.path.insert(0, str(REPO))
 RESULTS = REPO / "benchmarks" / "results"
 WORK = REPO / "work_dirs" / "bench"
 CONFIGS = REPO / "configs"
