@@ -57,6 +57,10 @@ from common import (
     write_result,
 )
 
+# This checkout's bevcache (and tests/), not whatever an editable install points at: the machine
+# record names this checkout's commit, so a run from a worktree must measure that worktree's code.
+sys.path.insert(0, str(REPO))
+
 NAME = "fused"
 TEACHER_CFG = CONFIGS / "tiny_fused_teacher.py"
 STUDENT_CFG = CONFIGS / "tiny_voxel_student.py"
@@ -272,8 +276,6 @@ def child(args) -> None:
     from mmengine.runner import Runner
 
     from bevcache.train import TrainOptions, build_train_config
-
-    sys.path.insert(0, str(REPO))  # a script's path starts at benchmarks/: the suite's package is at the root
     from tests.conftest import iteration_run  # the suite's short-run helper
 
     clock = Clock()
@@ -564,7 +566,11 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     data = camera_data(work.parent, args.train_samples, 2)
     ckpt = teacher_checkpoint(work)
-    result: dict = {"train_samples": args.train_samples, "batch_size": args.batch, "threads": args.threads,
+    import bevcache
+
+    print(f"[bench] bevcache from {Path(bevcache.__file__).parent}", flush=True)
+    result: dict = {"bevcache": os.path.relpath(Path(bevcache.__file__).parent, REPO),  # '.../bevcache' = this checkout
+                    "train_samples": args.train_samples, "batch_size": args.batch, "threads": args.threads,
                     "loader_workers": 0, "images": "6 x 384x216 JPEG"}
 
     if "train" in parts:
