@@ -18,7 +18,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-BENCHMARKS = ["train_step", "extract", "store", "crd", "views", "fidelity", "spatial", "startup"]
+BENCHMARKS = ["train_step", "extract", "store", "crd", "views", "fidelity", "spatial", "startup", "fused"]
 
 
 def main() -> None:
