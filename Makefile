@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup test demo demo-docs bench lint typecheck quality clean
+.PHONY: setup test demo demo-docs demo-fused demo-fused-docs bench lint typecheck quality clean
 
 setup:
 	@bash scripts/setup.sh
@@ -16,6 +16,13 @@ demo: setup
 # The demo, then its table written into docs/demo (committed; the README quotes it).
 demo-docs: setup
 	$(PY) pipelines/demo.py --update-docs
+
+# The fused camera + LiDAR teacher distilled into a LiDAR student on synthetic cameras (issue 17).
+demo-fused: setup
+	$(PY) pipelines/demo_fused.py
+
+demo-fused-docs: setup
+	$(PY) pipelines/demo_fused.py --update-docs
 
 bench: setup
 	$(PY) benchmarks/run_all.py

@@ -19,16 +19,21 @@ def _friendly(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from .quiet import discard_note
+
         try:
             return fn(*args, **kwargs)
         except BevcacheError as exc:
+            discard_note()
             click.echo(f"error: {exc}", err=True)
             sys.exit(2 if isinstance(exc, SettingError) else 1)
         except KeyboardInterrupt:
+            discard_note()
             click.echo("error: interrupted; run the command again (extract and train: with --resume "
                        "to keep what was finished).", err=True)
             sys.exit(130)
         except OSError as exc:  # disk full, read-only or forbidden paths outside bevcache's own checks
+            discard_note()
             click.echo(f"error: {os_error_text(exc)}", err=True)
             sys.exit(1)
 

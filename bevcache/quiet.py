@@ -74,6 +74,7 @@ def gather_known_warnings(stream=None) -> Iterator[Counter]:
         logger.addFilter(counter)
     global _ACTIVE
     _ACTIVE = counts
+    _DISCARDED.clear()
     try:
         yield counts
     finally:
@@ -83,13 +84,19 @@ def gather_known_warnings(stream=None) -> Iterator[Counter]:
         _ACTIVE = None
         while _UNDO:
             _UNDO.pop()()
-        if counts:
+        if counts and not _DISCARDED:
             where = ", ".join(f"{name} {n}" for name, n in counts.most_common())
             print(f"note: {sum(counts.values())} known third-party warning(s) hidden ({where}); "
                   "`bevcache -v ...` shows them", file=stream or sys.stderr)
 
 
 _ACTIVE: Counter | None = None  # the counts of the gathering in progress (None: nothing is gathered)
+_DISCARDED: list = []  # non-empty: the command failed, its error line stays the last line
+
+
+def discard_note() -> None:
+    """A failing command ends with its one `error:` line: no count of hidden warnings after it."""
+    _DISCARDED.append(True)
 _UNDO: list = []
 
 

@@ -35,6 +35,7 @@ def main() -> None:
                         help="Also rewrite docs/demo/results.{md,json} (the README's table; `make demo-docs`). "
                              "Without it the demo writes under work_dirs/demo only, so a user's tree stays clean.")
     args = parser.parse_args()
+    state = git_state()  # the commit the run starts at (others may commit while it runs)
     OUT.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
     if not (DATA / "nuscenes_infos_val.pkl").is_file():
@@ -64,7 +65,6 @@ def main() -> None:
              f"|{'-' * 26}|{'-' * 8}|{'-' * 8}|{'-' * 9}|"]
     lines += [f"| {name:<24} | {m['mAP']:6.3f} | {m['NDS']:6.3f} | {sec:7.0f} |" for name, m, sec in rows]
     print("\n" + "\n".join(lines))
-    state = git_state()
     results = {"samples": {"train": TRAIN, "val": VAL}, "seconds": times,
                "metrics": {name: m for name, m, _ in rows},
                "git": {"commit": state["commit"], "dirty": not state["clean"]}}

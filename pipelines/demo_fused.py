@@ -96,6 +96,7 @@ def main() -> None:
                         help="Also write docs/demo_fused/results.{md,json} (committed). Without it the demo "
                              "writes under work_dirs/demo_fused only, so a user's tree stays clean.")
     args = parser.parse_args()
+    state = git_state()  # the commit the run starts at (others may commit while it runs)
     OUT.mkdir(parents=True, exist_ok=True)
     steps = Steps(OUT / "steps.json")
     times: dict[str, float] = {}
@@ -153,7 +154,6 @@ def main() -> None:
               f"{m['motorcycle_AP']:13.3f} | {m['train_s']:7.0f} |" for name, m in metrics.items()]
     lines += ["", "cue gap, fused - LiDAR-only teacher (AP): " + ", ".join(f"{c} {g:+.3f}" for c, g in gap.items())]
     print("\n" + "\n".join(lines))
-    state = git_state()
     results = {"samples": {"train": TRAIN, "val": VAL}, "epochs": {"teacher": TEACHER_EPOCHS, "student": STUDENT_EPOCHS},
                "data_root": rel(DATA), "configs": {"fused teacher": FUSED, "LiDAR teacher": LIDAR, "student": STUDENT},
                "cue_classes": list(CUE), "seconds": times, "metrics": metrics, "cue_gap_teachers": gap,
