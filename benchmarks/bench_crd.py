@@ -22,11 +22,9 @@ The 1-minute load average is recorded with every configuration (the machine's ot
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 from common import (
-    REPO,
     device,
     fmt_stat,
     fmt_time,
@@ -40,8 +38,6 @@ from common import (
     write_result,
 )
 
-# This checkout's bevcache, not the one the venv may have installed (editable) from another checkout.
-sys.path.insert(0, str(REPO))
 NAME = "crd"
 PIECES = ["embed", "negatives", "scores", "exp, Z, NCE loss", "gradient rows", "bank update", "backward"]
 

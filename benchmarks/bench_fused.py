@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -56,10 +55,6 @@ from common import (
     warn_if_busy,
     write_result,
 )
-
-# This checkout's bevcache (and tests/), not whatever an editable install points at: the machine
-# record names this checkout's commit, so a run from a worktree must measure that worktree's code.
-sys.path.insert(0, str(REPO))
 
 NAME = "fused"
 TEACHER_CFG = CONFIGS / "tiny_fused_teacher.py"

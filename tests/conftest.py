@@ -76,6 +76,28 @@ def tiny_cfg(name: str, data_root: Path, *, batch_size: int = 2, workers: int = 
     return cfg
 
 
+def _find_mmdet3d_checkout() -> Path | None:
+    """An mmdetection3d checkout with projects/BEVFusion: $MMDET3D_ROOT, else ../mmdetection3d."""
+    for root in (os.environ.get("MMDET3D_ROOT"), REPO.parent / "mmdetection3d"):
+        if root and (Path(root) / "projects" / "BEVFusion" / "bevfusion" / "__init__.py").is_file():
+            return Path(root).resolve()
+    return None
+
+
+MMDET3D_CHECKOUT = _find_mmdet3d_checkout()
+
+
+def needs_checkout_files(*relative: str):
+    """Skip, saying why, without an mmdetection3d checkout or when it lacks any of these files (e.g.
+    a sparse checkout of projects/ without tools/)."""
+    if MMDET3D_CHECKOUT is None:
+        return pytest.mark.skip(reason="needs an mmdetection3d v1.4 checkout (projects/BEVFusion is not in the "
+                                       "wheel): set MMDET3D_ROOT or clone it to ../mmdetection3d beside this repository")
+    missing = [r for r in relative if not (MMDET3D_CHECKOUT / r).exists()]
+    return pytest.mark.skipif(bool(missing), reason=f"the mmdetection3d checkout {MMDET3D_CHECKOUT} lacks {missing}; "
+                                                    "use a full clone of mmdetection3d v1.4")
+
+
 def iteration_run(cfg, *, work_dir: str | Path, iters: int, batch_size: int = 2, workers: int = 0,
                   seed: int = 0, checkpoint_interval: int | None = None, shuffle: bool = True):
     """A Runner config turned into a short iteration run for tests and benchmarks: `iters` steps
@@ -96,6 +118,17 @@ def iteration_run(cfg, *, work_dir: str | Path, iters: int, batch_size: int = 2,
     cfg.test_dataloader = cfg.test_cfg = cfg.test_evaluator = None
     cfg.randomness = dict(seed=seed, deterministic=False)
     return cfg
+
+
+def run_command(args: list, env: dict, *, ok: bool = True, timeout: float = 540):
+    """A command in a subprocess from the repository root; with ok=True a failure fails the test
+    with the end of its stderr."""
+    import subprocess
+
+    proc = subprocess.run([str(a) for a in args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if ok and proc.returncode:
+        pytest.fail(f"{' '.join(map(str, args[2:]))} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
 
 
 def bevcache_cmd(*args: str) -> list[str]:

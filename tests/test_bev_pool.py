@@ -9,6 +9,8 @@ import torch
 
 from bevcache.bev_pool import bev_pool
 
+from .conftest import MMDET3D_CHECKOUT, needs_checkout_files
+
 
 def naive_bev_pool(feats: torch.Tensor, coords: torch.Tensor, B: int, D: int, H: int, W: int) -> torch.Tensor:
     """The definition, one point at a time: out[b, :, z, x, y] += feats[i] for coords[i] = (x, y, z, b)."""
@@ -92,23 +94,9 @@ def test_backward_gathers_cell_gradient():
 # The real BEVFusion camera lift (mmdetection3d's projects/BEVFusion DepthLSSTransform) on the CPU
 # through bevcache.bevfusion_cpu, which swaps the CUDA bev_pool for this one. Needs a checkout.
 
-def _find_checkout():
-    import os
-    from pathlib import Path
-
-    from .conftest import REPO
-
-    for root in (os.environ.get("MMDET3D_ROOT"), REPO.parent / "mmdetection3d"):
-        if root and (Path(root) / "projects" / "BEVFusion" / "bevfusion" / "__init__.py").is_file():
-            return Path(root).resolve()
-    return None
-
-
-CHECKOUT = _find_checkout()
-needs_checkout = pytest.mark.skipif(
-    CHECKOUT is None,
-    reason="needs an mmdetection3d v1.4 checkout (projects/BEVFusion is not in the wheel): set MMDET3D_ROOT "
-           "or clone it to ../mmdetection3d beside this repository")
+CHECKOUT = MMDET3D_CHECKOUT
+needs_checkout = needs_checkout_files("projects/BEVFusion/configs/"
+                                      "bevfusion_lidar-cam_voxel0075_second_secfpn_8xb4-cyclic-20e_nus-3d.py")
 FUSED_CONFIG = "projects/BEVFusion/configs/bevfusion_lidar-cam_voxel0075_second_secfpn_8xb4-cyclic-20e_nus-3d.py"
 
 

@@ -19,35 +19,19 @@ import numpy as np
 import pytest
 import torch
 
-from .conftest import CONFIGS, REPO, bevcache_cmd
+from .conftest import (
+    CONFIGS,
+    MMDET3D_CHECKOUT,
+    bevcache_cmd,
+    needs_checkout_files,
+    run_command,
+)
 
-
-def _find_checkout() -> Path | None:
-    for root in (os.environ.get("MMDET3D_ROOT"), REPO.parent / "mmdetection3d"):
-        if root and (Path(root) / "projects" / "BEVFusion" / "bevfusion" / "__init__.py").is_file():
-            return Path(root).resolve()
-    return None
-
-
-CHECKOUT = _find_checkout()
-pytestmark = pytest.mark.skipif(
-    CHECKOUT is None,
-    reason="needs an mmdetection3d v1.4 checkout (projects/BEVFusion is not in the wheel): set MMDET3D_ROOT "
-           "or clone it to ../mmdetection3d beside this repository")
-
-
-def needs_checkout_files(*relative: str):
-    """Skip (with the reason) when the checkout lacks any of these files, e.g. a sparse checkout
-    of projects/ without tools/."""
-    missing = [r for r in relative if CHECKOUT is not None and not (CHECKOUT / r).exists()]
-    return pytest.mark.skipif(bool(missing), reason=f"the mmdetection3d checkout {CHECKOUT} lacks {missing}; "
-                                                    "use a full clone of mmdetection3d v1.4")
-
-
+CHECKOUT = MMDET3D_CHECKOUT
 # Every test loads the project's LiDAR config (through configs/bevfusion/*.py).
-pytestmark = [pytestmark, needs_checkout_files(
+pytestmark = needs_checkout_files(
     "projects/BEVFusion/configs/bevfusion_lidar_voxel0075_second_secfpn_8xb4-cyclic-20e_nus-3d.py",
-    "configs/_base_/default_runtime.py")]
+    "configs/_base_/default_runtime.py")
 TEACHER = CONFIGS / "bevfusion" / "teacher_lidar_small.py"
 STUDENT = CONFIGS / "bevfusion" / "student_lidar_small.py"
 TRAIN_SAMPLES, VAL_SAMPLES = 4, 2
@@ -71,11 +55,7 @@ def env():
         os.environ["MMDET3D_ROOT"] = before
 
 
-def run(args: list[str], env: dict, *, ok: bool = True, timeout: float = 540) -> subprocess.CompletedProcess:
-    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    if ok and proc.returncode:
-        pytest.fail(f"{' '.join(map(str, args[2:]))} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc
+run = run_command
 
 
 def cli(*args, env: dict, ok: bool = True) -> subprocess.CompletedProcess:

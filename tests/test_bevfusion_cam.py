@@ -22,18 +22,20 @@ import numpy as np
 import pytest
 import torch
 
-from .conftest import CONFIGS, bevcache_cmd, one_intra_op_thread
-from .test_bevfusion import CHECKOUT, needs_checkout_files, run
+from .conftest import (
+    CONFIGS,
+    MMDET3D_CHECKOUT,
+    bevcache_cmd,
+    needs_checkout_files,
+    one_intra_op_thread,
+)
+from .conftest import run_command as run
 
-pytestmark = [
-    pytest.mark.skipif(CHECKOUT is None,
-                       reason="needs an mmdetection3d v1.4 checkout (projects/BEVFusion is not in the wheel): set "
-                              "MMDET3D_ROOT or clone it to ../mmdetection3d beside this repository"),
-    needs_checkout_files(
-        "projects/BEVFusion/configs/bevfusion_lidar-cam_voxel0075_second_secfpn_8xb4-cyclic-20e_nus-3d.py",
-        "projects/BEVFusion/configs/bevfusion_lidar_voxel0075_second_secfpn_8xb4-cyclic-20e_nus-3d.py",
-        "configs/_base_/default_runtime.py"),
-]
+CHECKOUT = MMDET3D_CHECKOUT
+pytestmark = needs_checkout_files(
+    "projects/BEVFusion/configs/bevfusion_lidar-cam_voxel0075_second_secfpn_8xb4-cyclic-20e_nus-3d.py",
+    "projects/BEVFusion/configs/bevfusion_lidar_voxel0075_second_secfpn_8xb4-cyclic-20e_nus-3d.py",
+    "configs/_base_/default_runtime.py")
 TEACHER_FULL = CONFIGS / "bevfusion" / "teacher_lidar_cam.py"
 TEACHER = CONFIGS / "bevfusion" / "teacher_lidar_cam_small.py"
 STUDENT = CONFIGS / "bevfusion" / "student_lidar_small.py"

@@ -47,10 +47,9 @@ def logged_losses(work_dir: Path) -> list[dict]:
 
 
 def test_three_launchers_give_identical_losses(data_root, fp32_store, tmp_path):
+    import torch
     from mmengine.config import Config
     from mmengine.runner import Runner
-
-    import torch
 
     # The subprocesses use this process's intra-op thread count (2, or 1 under xdist): float sums of
     # another thread count differ in the last bits, which six steps of training amplify.
