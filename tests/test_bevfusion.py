@@ -371,7 +371,9 @@ distill = None
 custom_hooks = [dict(type='DistillationHook'), dict(type='StudentExportHook')]
 train_cfg = dict(_delete_=True, type='IterBasedTrainLoop', max_iters=1, val_interval=10**9)
 param_scheduler = []
-default_hooks = dict(checkpoint=dict(type='CheckpointHook', interval=1, by_epoch=False))
+default_hooks = dict(checkpoint=dict(type='CheckpointHook', interval=1, by_epoch=False),
+                     logger=dict(type='LoggerHook', interval=1))
+log_processor = dict(by_epoch=False)
 train_dataloader = dict(batch_size=1, num_workers=0, persistent_workers=False)
 val_dataloader = None
 val_cfg = None
