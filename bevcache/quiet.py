@@ -47,6 +47,16 @@ def third_party_source(filename: str) -> str | None:
     return None
 
 
+_ACTIVE: Counter | None = None  # the counts of the gathering in progress (None: nothing is gathered)
+_DISCARDED: list = []  # non-empty: the command failed, its error line stays the last line
+_UNDO: list = []  # how to take the MMLogger check back off
+
+
+def discard_note() -> None:
+    """A failing command ends with its one `error:` line: no count of hidden warnings after it."""
+    _DISCARDED.append(True)
+
+
 @contextlib.contextmanager
 def gather_known_warnings(stream=None) -> Iterator[Counter]:
     """Hide third-party warnings while the block runs; at its end, print one line counting them."""
@@ -88,16 +98,6 @@ def gather_known_warnings(stream=None) -> Iterator[Counter]:
             where = ", ".join(f"{name} {n}" for name, n in counts.most_common())
             print(f"note: {sum(counts.values())} known third-party warning(s) hidden ({where}); "
                   "`bevcache -v ...` shows them", file=stream or sys.stderr)
-
-
-_ACTIVE: Counter | None = None  # the counts of the gathering in progress (None: nothing is gathered)
-_DISCARDED: list = []  # non-empty: the command failed, its error line stays the last line
-
-
-def discard_note() -> None:
-    """A failing command ends with its one `error:` line: no count of hidden warnings after it."""
-    _DISCARDED.append(True)
-_UNDO: list = []
 
 
 def gather_mmengine_notices() -> None:
