@@ -48,6 +48,7 @@ from common import (
     machine,
     parser,
     peak_rss_mib,
+    random_teacher_checkpoint,
     run_child,
     stats,
     sync,
@@ -90,31 +91,6 @@ def camera_data(work: Path, n_train: int, n_val: int) -> Path:
     print(f"[bench] synthetic data with cameras: {n_train} train / {n_val} val -> {root}", flush=True)
     generate(root, num_train=n_train, num_val=n_val, seed=0, cameras=True)
     return root
-
-
-def teacher_checkpoint(work: Path) -> Path:
-    """A seeded random fused teacher, BN statistics perturbed (the timings do not depend on the weights)."""
-    path = work / "fused-teacher-random.pth"
-    if path.is_file():
-        return path
-    import torch
-    from mmdet3d.registry import MODELS
-
-    import bevcache.fusion  # noqa: F401  (registers FusedCenterPoint)
-    from bevcache.runtime import load_config, setup_runtime
-
-    setup_runtime()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(123)
-        model = MODELS.build(load_config(TEACHER_CFG).model)
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": model.state_dict(), "meta": {"bench": "random init", "seed": 123}}, path.with_suffix(".tmp"))
-    path.with_suffix(".tmp").replace(path)
-    return path
 
 
 def extract_store(data: Path, ckpt: Path, out: Path, batch: int) -> dict:
@@ -560,7 +536,7 @@ def main() -> None:
     work = Path(args.work) / ("quick" if args.quick else "") / "fused"
     work.mkdir(parents=True, exist_ok=True)
     data = camera_data(work.parent, args.train_samples, 2)
-    ckpt = teacher_checkpoint(work)
+    ckpt = random_teacher_checkpoint(work, config=TEACHER_CFG, name="fused-teacher")  # timings: any weights
     import bevcache
 
     print(f"[bench] bevcache from {Path(bevcache.__file__).parent}", flush=True)

@@ -253,9 +253,9 @@ def synth_data(work: Path, num_train: int, num_val: int, seed: int = 0) -> Path:
     return root
 
 
-def random_teacher_checkpoint(work: Path, seed: int = 123) -> Path:
-    """A randomly initialised tiny teacher (BN statistics perturbed) saved as a checkpoint."""
-    path = Path(work) / f"teacher-random-s{seed}.pth"
+def random_teacher_checkpoint(work: Path, seed: int = 123, config: Path = TEACHER_CFG, name: str = "teacher") -> Path:
+    """A randomly initialised teacher of `config` (BN statistics perturbed) saved as a checkpoint."""
+    path = Path(work) / f"{name}-random-s{seed}.pth"
     if path.is_file():
         return path
     import torch
@@ -266,7 +266,7 @@ def random_teacher_checkpoint(work: Path, seed: int = 123) -> Path:
     setup_runtime()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = MODELS.build(load_config(TEACHER_CFG).model)
+        model = MODELS.build(load_config(config).model)
         for m in model.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.running_mean.uniform_(-0.1, 0.1)

@@ -101,9 +101,14 @@ def build_base_dataset(cfg: Any, split: str = "train", *, pipeline: list | None 
 _SUMMARY_SHOWN: set = set()
 
 
+def _summary_key(ds_cfg: Any) -> tuple[str, bool]:
+    base = unwrap_dataset_cfg(ds_cfg)
+    return str(base.get("ann_file")), bool(base.get("test_mode"))
+
+
 def summary_shown(ds_cfg: Any) -> None:
     """Count a dataset's summary as printed: later bevcache builds of it stay quiet."""
-    _SUMMARY_SHOWN.add((str(unwrap_dataset_cfg(ds_cfg).get("ann_file")), bool(ds_cfg.get("test_mode"))))
+    _SUMMARY_SHOWN.add(_summary_key(ds_cfg))
 
 
 def build_dataset_cfg(ds_cfg: Any, what: str, *, key: str = "dataset", pipeline_key: str | None = None):
@@ -113,7 +118,7 @@ def build_dataset_cfg(ds_cfg: Any, what: str, *, key: str = "dataset", pipeline_
 
     from .quiet import dataset_summary_hidden
 
-    summary_key = (str(ds_cfg.get("ann_file")), bool(ds_cfg.get("test_mode")))
+    summary_key = _summary_key(ds_cfg)
     with dataset_summary_hidden(summary_key in _SUMMARY_SHOWN):
         dataset = _build_dataset(DATASETS, ds_cfg, what, key=key, pipeline_key=pipeline_key)
     _SUMMARY_SHOWN.add(summary_key)

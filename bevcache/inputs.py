@@ -31,12 +31,10 @@ def _pack(pipeline: list) -> dict | None:
     return next((s for s in pipeline if _name(s) == "Pack3DDetInputs"), None)
 
 
-def teacher_only_keys(teacher_cfg: Any, student_cfg: Any) -> tuple[str, ...]:
+def teacher_only_keys(teacher: list, student: list) -> tuple[str, ...]:
     """Inputs the teacher's (test) pipeline loads and the student's train pipeline does not. Decided by
     the loading steps, not by Pack3DDetInputs' keys: BEVFusion-L's LiDAR config packs 'img' too
     (Pack skips absent keys), although nothing loads an image."""
-    teacher = test_pipeline(teacher_cfg)
-    student = list(unwrap_dataset_cfg(student_cfg.train_dataloader.dataset).get("pipeline") or [])
     teacher_loads = any(_name(s) in IMAGE_STEPS for s in teacher)
     student_loads = any(_name(s) in IMAGE_STEPS for s in student)
     return ("img",) if teacher_loads and not student_loads else ()
@@ -44,14 +42,15 @@ def teacher_only_keys(teacher_cfg: Any, student_cfg: Any) -> tuple[str, ...]:
 
 def add_teacher_inputs(cfg: Any, teacher_cfg: Any) -> tuple[str, ...]:
     """Make the student's train loader also load what the teacher reads; returns those input keys."""
-    keys = teacher_only_keys(teacher_cfg, cfg)
+    teacher_pipeline = test_pipeline(teacher_cfg)  # a deep copy
+    base = unwrap_dataset_cfg(cfg.train_dataloader.dataset)
+    keys = teacher_only_keys(teacher_pipeline, list(base.get("pipeline") or []))
     if not keys:
         return ()
-    steps = [copy.deepcopy(s) for s in test_pipeline(teacher_cfg) if _name(s) in IMAGE_STEPS]
+    steps = [s for s in teacher_pipeline if _name(s) in IMAGE_STEPS]
     if not steps:
         raise ConfigError(f"the online teacher's test pipeline packs {list(keys)} but no known step loads them "
                           f"({list(IMAGE_STEPS)}): add the loading step to the teacher's test pipeline.")
-    base = unwrap_dataset_cfg(cfg.train_dataloader.dataset)
     teacher_base = unwrap_dataset_cfg(teacher_cfg.train_dataloader.dataset)
     for key in ("modality", "data_prefix"):  # where the images are: the teacher's dataset says
         if teacher_base.get(key) is not None:
@@ -62,7 +61,7 @@ def add_teacher_inputs(cfg: Any, teacher_cfg: Any) -> tuple[str, ...]:
         raise ConfigError("the student's train pipeline has no Pack3DDetInputs step to pack the teacher's inputs into.")
     at = pipeline.index(pack)
     pack["keys"] = [*pack.get("keys", []), *[k for k in keys if k not in pack.get("keys", [])]]
-    teacher_meta = (_pack(test_pipeline(teacher_cfg)) or {}).get("meta_keys")
+    teacher_meta = (_pack(teacher_pipeline) or {}).get("meta_keys")
     if teacher_meta is not None and pack.get("meta_keys") is not None:  # camera matrices travel in metainfo
         pack["meta_keys"] = tuple(pack["meta_keys"]) + tuple(k for k in teacher_meta if k not in pack["meta_keys"])
     base["pipeline"] = pipeline[:at] + steps + pipeline[at:]

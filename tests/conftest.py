@@ -131,6 +131,21 @@ def run_command(args: list, env: dict, *, ok: bool = True, timeout: float = 540)
     return proc
 
 
+def assert_cached_equals_online(cached_runner, cached_losses: list, online_runner, online_losses: list) -> None:
+    """Per-iteration losses (CRD included) and the trained student weights of a cached run equal the
+    online reference's; the cached run built no teacher."""
+    import torch
+
+    for a, b in zip(cached_losses, online_losses, strict=True):
+        assert set(a) == set(b) and "loss_crd_pts_neck" in a
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (key, cached_losses, online_losses)
+    s_cached, s_online = cached_runner.model.student_state_dict(), online_runner.model.student_state_dict()
+    for key, value in s_cached.items():
+        torch.testing.assert_close(value, s_online[key], rtol=1e-5, atol=1e-6)
+    assert cached_runner.model.teacher is None
+
+
 def bevcache_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "bevcache.cli", *args]
 

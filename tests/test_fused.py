@@ -17,7 +17,7 @@ from bevcache.extract import ExtractOptions, extract
 from bevcache.store import open_store
 from bevcache.train import TrainOptions, build_train_config
 
-from .conftest import CONFIGS, iteration_run, one_intra_op_thread
+from .conftest import CONFIGS, assert_cached_equals_online, iteration_run, one_intra_op_thread
 
 FUSED = str(CONFIGS / "tiny_fused_teacher.py")
 LIDAR_STUDENT = str(CONFIGS / "tiny_voxel_student.py")
@@ -143,14 +143,7 @@ def test_cached_lidar_student_equals_the_online_fused_reference(camera_root, fus
     assert cached_seen and all(keys == ["points"] for keys in cached_seen + online_seen)  # the student: points only
     assert online_runner.model.teacher_inputs == ("img",)
     assert cached.samples == online.samples
-    for a, b in zip(cached.losses, online.losses, strict=True):
-        assert set(a) == set(b) and "loss_crd_pts_neck" in a
-        for key in a:
-            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (key, cached.losses, online.losses)
-    s_cached, s_online = cached_runner.model.student_state_dict(), online_runner.model.student_state_dict()
-    for key, value in s_cached.items():
-        torch.testing.assert_close(value, s_online[key], rtol=1e-5, atol=1e-6)
-    assert cached_runner.model.teacher is None
+    assert_cached_equals_online(cached_runner, cached.losses, online_runner, online.losses)
 
 
 def test_cached_spatial_warp_and_strict_export(camera_root, fused_store, tmp_path):

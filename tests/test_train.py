@@ -14,7 +14,7 @@ from mmengine.hooks import Hook
 from bevcache.errors import ConfigError, StoreMismatch
 from bevcache.train import TrainOptions, build_train_config
 
-from .conftest import CONFIGS, REPO, iteration_run, tiny_cfg
+from .conftest import CONFIGS, REPO, assert_cached_equals_online, iteration_run, tiny_cfg
 
 STUDENT = str(CONFIGS / "tiny_student.py")
 TEACHER = str(CONFIGS / "tiny_teacher.py")
@@ -64,14 +64,7 @@ def test_cached_training_equals_online_training(data_root, fp32_store, teacher_c
     online_runner, online = run(short_run(_cfg(data_root, teacher_online=TEACHER, teacher_checkpoint=teacher_ckpt),
                                           tmp_path / "online", 3))
     assert cached.samples == online.samples
-    for a, b in zip(cached.losses, online.losses, strict=True):
-        assert set(a) == set(b) and "loss_crd_pts_neck" in a
-        for key in a:
-            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (key, cached.losses, online.losses)
-    s_cached, s_online = cached_runner.model.student_state_dict(), online_runner.model.student_state_dict()
-    for key, value in s_cached.items():
-        torch.testing.assert_close(value, s_online[key], rtol=1e-5, atol=1e-6)
-    assert cached_runner.model.teacher is None
+    assert_cached_equals_online(cached_runner, cached.losses, online_runner, online.losses)
     n_detectors = sum(type(m).__name__ == "CenterPoint" for m in cached_runner.model.modules())
     assert n_detectors == 1  # the student only: no teacher module exists in cached mode
 
