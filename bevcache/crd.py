@@ -67,7 +67,7 @@ class CRDLoss(nn.Module):
 
         # Without the student's width (unknown before any data), both embeddings are inferred from
         # the first batch (nn.LazyLinear), so cached and online runs draw their initial weights at
-        # the same moment. DDP needs parameters before wrapping: a distributed run passes both widths.
+        # the same moment. Under DDP the distiller keeps them in step itself (bevcache.lazy_params).
         self.student_dim, self.teacher_dim = student_dim, teacher_dim
         lazy = not (student_dim and teacher_dim)
         self.embed_s = nn.LazyLinear(feat_dim) if lazy else nn.Linear(int(student_dim or 0), feat_dim)

@@ -25,6 +25,7 @@ from mmdet3d.registry import MODELS
 from mmengine.logging import print_log
 from mmengine.model import BaseModel
 from torch import Tensor, nn
+from torch.nn.parameter import UninitializedParameter
 
 from .crd import CRDLoss
 from .data import batch_rows
@@ -252,6 +253,9 @@ class CRDDistiller(BaseModel):
                              feat_dim=feat_dim, nce_k=nce_k, nce_t=nce_t, nce_m=nce_m, z_momentum=z_momentum)
             for s, t in self.layers.items()
         })
+        from .lazy_params import LazyParamSync
+
+        self.lazy_params = LazyParamSync(self)  # widths from the first batch, under DDP too
 
     # -- building ---------------------------------------------------------------------------
 
@@ -477,6 +481,7 @@ class CRDDistiller(BaseModel):
             losses[f"loss_crd_{s}"] = self.alpha * self.crd[_key(s)](student_feats[s], teacher_feats[t], rows)
         if self.spatial_cfg:
             losses.update(self._spatial_losses(student_maps, teacher_maps, data_samples))
+        self.lazy_params.after_forward(self)
         return losses
 
     def _pooled_student(self, layer: str, batch: int) -> Tensor:
@@ -484,6 +489,14 @@ class CRDDistiller(BaseModel):
             return pool_output(self.student_recorder.outputs[layer], self.pooling[layer], batch)
         except LayerError as exc:
             raise LayerError(f"student layer {layer!r}: {exc}") from None
+
+    def state_dict(self, *args, **kwargs):
+        """Parameters still waiting for the first batch's width hold no values: they are left out
+        (under DDP, mmengine broadcasts every entry before the first step)."""
+        state = super().state_dict(*args, **kwargs)
+        for name in [k for k, v in state.items() if isinstance(v, UninitializedParameter)]:
+            del state[name]  # in place: the dict's _metadata (spconv's versions) stays
+        return state
 
     def student_state_dict(self) -> dict[str, Tensor]:
         """The plain student's weights (with spconv's `_metadata`), loadable by the student config without bevcache."""

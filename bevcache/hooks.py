@@ -1,8 +1,10 @@
 """The mmengine hooks a distillation run uses, registered in mmdet3d's HOOKS.
 
-- `DistillationHook` (required by CRDDistiller): checks the training data against the distiller
-  at before_train (bevcache.wiring) and, with augmentation replay, tells the replay wrapper the
-  epoch before each one so every epoch draws fresh views.
+- `DistillationHook` (required by CRDDistiller): at before_train, adds the dataset wrappers the
+  distiller reads through (replay views, teacher rows per sample) where the config has none and
+  rebuilds the train loader around them, then checks the training data against the distiller
+  (bevcache.wiring); with augmentation replay, it tells the replay wrapper the epoch before each
+  one so every epoch draws fresh views. Any entry point that builds a Runner gets all of it.
 - `StudentExportHook`: at the end of training, rank 0 writes the plain student's weights
   (`student_weights.pth` in the work dir), loadable by the student config without bevcache.
 - `TrainGuardHook` (bevcache.guard): Ctrl-C / SIGTERM checkpoint and resume guard.
@@ -43,6 +45,19 @@ def restart_loader_workers(loop) -> None:
     loop.dataloader_iterator = type(iterator)(loop.dataloader)
 
 
+def rebuild_train_loader(runner, dataset) -> None:
+    """The train loop's loader again, with the same settings and seed, around `dataset` (wrapped
+    after the Runner built it). No batch has been drawn yet, so the order is the one it would have had."""
+    loop = runner.train_loop
+    stale = getattr(loop.dataloader, "_iterator", None)  # an iteration-based loop forked workers at build time
+    if stale is not None:
+        stale._shutdown_workers()
+        loop.dataloader._iterator = None
+    dataloader_cfg = dict(runner.cfg.get("train_dataloader"), dataset=dataset)
+    diff_rank_seed = (runner.cfg.get("randomness") or {}).get("diff_rank_seed", False)
+    loop.dataloader = runner.build_dataloader(dataloader_cfg, seed=runner.seed, diff_rank_seed=diff_rank_seed)
+
+
 @HOOKS.register_module()
 class DistillationHook(Hook):
     """Data checks at before_train; replay epochs. Iteration-based loops count a pass of
@@ -61,10 +76,14 @@ class DistillationHook(Hook):
         if not hasattr(model, "attach_train_data"):
             raise ConfigError(f"DistillationHook needs a CRDDistiller model; this config's model is "
                               f"{type(model).__name__}. Remove the hook or set model=dict(type='CRDDistiller', ...).")
-        from .wiring import base_pipeline_cfg
+        from .wiring import add_wrappers, base_pipeline_cfg
 
-        model.attach_train_data(runner.train_dataloader.dataset,
-                                base_pipeline_cfg(runner.cfg.get("train_dataloader", {}).get("dataset")))
+        pipeline_cfg = base_pipeline_cfg(runner.cfg.get("train_dataloader", {}).get("dataset"))
+        dataset = runner.train_dataloader.dataset
+        wrapped = add_wrappers(model, dataset, pipeline_cfg, seed=(runner.cfg.get("randomness") or {}).get("seed"))
+        if wrapped is not dataset:
+            rebuild_train_loader(runner, wrapped)
+        model.attach_train_data(runner.train_dataloader.dataset, pipeline_cfg)
         if not isinstance(runner.train_loop, EpochBasedTrainLoop):
             self._iters_per_pass = max(len(runner.train_dataloader), 1)
             restart_loader_workers(runner.train_loop)

@@ -62,7 +62,7 @@ class SpatialDistillLoss(nn.Module):
         self.contrastive, self.tau, self.max_cells = contrastive, float(tau), int(max_cells)
         self.fg_threshold, self.eps = float(fg_threshold), float(eps)
         # Without the student's channels (unknown before any data) the adapter is sized by the first
-        # batch, as CRD's embeddings are; DDP runs pass them.
+        # batch, as CRD's embeddings are (under DDP the distiller keeps it in step: bevcache.lazy_params).
         self.adapter = (nn.Conv2d(student_channels, teacher_channels, kernel_size=1) if student_channels
                         else nn.LazyConv2d(teacher_channels, kernel_size=1))
 

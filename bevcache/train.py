@@ -4,9 +4,10 @@ A student config is turned into the Runner config any mmengine entry point would
 that already names `model=dict(type='CRDDistiller', ...)` is used as it is; the older form, a
 student model plus a `distill = dict(...)` section, is translated into exactly that model config
 (one code path behind both). What the distiller needs from the store and the data it finds and
-checks itself (bevcache.distiller, bevcache.wiring); this module only adds command-line
-conveniences: --data-root, --work-dir, --resume, --amp, the launcher, Ctrl-C handling, the
-Pack3DDetInputs meta keys, the replay wrapper and the hooks, widths under DDP.
+checks itself, and DistillationHook wraps the train dataset for replay views and teacher rows
+(bevcache.distiller, bevcache.hooks, bevcache.wiring), so mmdet3d's tools/train.py runs the same
+config the same way. This module only adds command-line conveniences: --data-root, --work-dir,
+--resume, --amp, short runs, the launcher, Ctrl-C handling and the two hooks.
 """
 
 from __future__ import annotations
@@ -19,15 +20,12 @@ from pathlib import Path
 import torch
 
 from .data import (
-    INDEX_PRESERVING_WRAPPERS,
     base_dataset_cfg,
     build_base_dataset,
     check_data_files,
-    ensure_index_meta,
     set_data_root,
     summary_shown,
     test_pipeline,
-    unwrap_dataset_cfg,
 )
 from .errors import ConfigError, SettingError
 from .runtime import (
@@ -99,12 +97,6 @@ def distiller_model_cfg(student: dict, settings: dict) -> dict:
     return dict(type="CRDDistiller", student=student, **settings)
 
 
-def _world_size(launcher: str) -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if launcher != "none" and dist.is_initialized() else 1
-
-
 def build_train_config(opts: TrainOptions):
     """The Runner config for a plain, cached-CRD or online-CRD run."""
     setup_runtime()
@@ -133,7 +125,6 @@ def build_train_config(opts: TrainOptions):
     if opts.resume:
         cfg.resume = True
         cfg.load_from = None if opts.resume == "auto" else opts.resume
-    ensure_index_meta(unwrap_dataset_cfg(cfg.train_dataloader.dataset).pipeline)
 
     online = opts.teacher_online is not None
     if cfg.model.get("type") == "CRDDistiller":  # the config form: the model section says it all
@@ -169,87 +160,12 @@ def build_train_config(opts: TrainOptions):
     cfg.model = model
     from .distiller import check_model_cfg
 
-    check_model_cfg(model)  # the wrappers below read these settings before the distiller is built
-    if model.get("augmentation", "auto") == "auto" and model.get("cache"):
-        from .distiller import resolve_augmentation
-        from .store import open_store
-
-        model["augmentation"] = resolve_augmentation("auto", store_views=open_store(model["cache"]).num_views,
-                                                     spatial=bool(model.get("spatial")))
-    if model.get("augmentation") == "replay":
-        _wrap_for_replay(cfg)
-    if model.get("cache"):
-        _wrap_for_rows(cfg, model)
+    check_model_cfg(model)  # a bad setting is one line before the Runner builds anything
     hooks = list(cfg.get("custom_hooks", []))
     have = {h.get("type") for h in hooks}
     cfg.custom_hooks = [h for h in hooks if h.get("type") != "TrainGuardHook"]  # train() adds its own
     cfg.custom_hooks += [dict(type=t) for t in DISTILL_HOOKS if t not in have]
-    if _world_size(opts.launcher) > 1:
-        _set_widths_for_ddp(cfg)
     return cfg
-
-
-def _set_widths_for_ddp(cfg) -> None:
-    """DDP wraps the model before any batch: the widths a single process infers lazily are probed here."""
-    from mmengine.config import ConfigDict
-
-    from .store import open_store
-    from .teacher import build_model, build_teacher, probe_widths
-
-    model = cfg.model
-    layers = dict(model.get("layers") or {"pts_neck": "pts_neck"})
-    dataset = build_base_dataset(cfg, "train", pipeline=test_pipeline(cfg))
-    if model.get("cache"):
-        store = open_store(model["cache"])
-        pooling = {s: store.layers[t].pooling for s, t in layers.items()}
-        teacher_dims = {t: store.layers[t].dim for t in layers.values()}
-    else:
-        pooling = {s: model.get("pooling") or "avg" for s in layers}
-        with torch.random.fork_rng(devices=[]):
-            teacher = build_teacher(ConfigDict(model=model["teacher"]), model.get("teacher_checkpoint"),
-                                    torch.device("cpu"), trust_checkpoint=bool(model.get("trust_checkpoint")),
-                                    random_init=model.get("teacher_checkpoint") is None)
-        teacher_dims = probe_widths(teacher, dataset, list(layers.values()), {t: pooling[s] for s, t in layers.items()})
-        del teacher
-    with torch.random.fork_rng(devices=[]):
-        student = build_model(model["student"])
-    model["student_dims"] = probe_widths(student, dataset, list(layers), pooling)
-    model["teacher_dims"] = teacher_dims
-
-
-def _wrap_for_rows(cfg, model: dict) -> None:
-    """TeacherRowsDataset around the whole train dataset when the distiller reads rows per sample
-    (spatial maps; pooled tables too large for memory), unless the config has it already."""
-    from .loading import reads_pooled_lazily
-    from .store import open_store
-
-    ds = cfg.train_dataloader.dataset
-    while isinstance(ds, dict):
-        if ds.get("type") == "TeacherRowsDataset":
-            return
-        ds = ds.get("dataset")
-    store = open_store(model["cache"])
-    layers = dict({"pts_neck": "pts_neck"} if model.get("layers") is None else model["layers"])
-    spatial = sorted(set(dict((model.get("spatial") or {}).get("layers") or {"pts_neck": "pts_neck"}).values())
-                     ) if model.get("spatial") else []
-    lazy, _ = reads_pooled_lazily(store, set(layers.values()), replay=model.get("augmentation") == "replay")
-    pooled = sorted(set(layers.values())) if lazy else []
-    if spatial or pooled:
-        cfg.train_dataloader.dataset = dict(type="TeacherRowsDataset", dataset=cfg.train_dataloader.dataset,
-                                            cache=model["cache"], spatial=spatial, pooled=pooled)
-
-
-def _wrap_for_replay(cfg) -> None:
-    """Put ReplayViewsDataset right around the base train dataset (inside CBGS/Repeat wrappers)."""
-    parent = cfg.train_dataloader
-    while parent["dataset"].get("type") in INDEX_PRESERVING_WRAPPERS:
-        if parent["dataset"].get("type") == "ReplayViewsDataset":
-            return  # the config wraps it itself
-        parent = parent["dataset"]
-    base = parent["dataset"]
-    base["filter_empty_gt"] = False  # every view must exist, as it did when the teacher saw it
-    seed = (cfg.get("randomness") or {}).get("seed")
-    parent["dataset"] = dict(type="ReplayViewsDataset", dataset=base, seed=0 if seed is None else int(seed))
 
 
 def export_student(checkpoint: str, out: str, *, trust: bool = False) -> str:

@@ -7,12 +7,17 @@ worker starts, so mmdet3d's `tools/train.py`, `Runner.from_cfg` and `bevcache tr
 - every sample will carry `sample_idx` and `token` (Pack3DDetInputs.meta_keys), the row lookup
   and its per-sample check;
 - the augmentation policy is honoured: `drop` strips exactly the pipeline's random transforms
-  (found empirically, bevcache.pipeline) and says so; `keep` says what it costs; `replay` needs
-  the ReplayViewsDataset wrapper around the base dataset, made with the store's pipeline.
+  (found empirically, bevcache.pipeline) and says so; `keep` says what it costs; `replay` reads
+  through the ReplayViewsDataset wrapper around the base dataset, made with the store's pipeline.
+
+`add_wrappers` puts the dataset wrappers a distiller reads through (ReplayViewsDataset for replay,
+TeacherRowsDataset for rows read per sample) around the built train dataset where the config did
+not, so a plain config needs none of them.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from mmengine.logging import print_log
@@ -76,17 +81,53 @@ def check_train_data(distiller: Any, dataset: Any, pipeline_cfg: list) -> None:
     _check_rows_wrapper(distiller, dataset)
 
 
+def rows_read_per_sample(distiller: Any) -> tuple[list[str], list[str]]:
+    """(spatial, pooled) teacher layers the loader reads per sample: spatial maps, and pooled tables
+    too large for memory."""
+    spatial = sorted(set(distiller.spatial_cfg.get("layers", {}).values())) if distiller.cache else []
+    pooled = sorted(set(distiller.layers.values())) if distiller.lazy_pooled else []
+    return spatial, pooled
+
+
+def add_wrappers(distiller: Any, dataset: Any, pipeline_cfg: list, seed: int | None) -> Any:
+    """The built train dataset with the wrappers `distiller` reads through, added where the config has
+    none: ReplayViewsDataset right around the base dataset (inside CBGS/Repeat wrappers) when it replays
+    views, TeacherRowsDataset around the whole when the loader reads teacher rows per sample.
+    Returns the outermost dataset: `dataset` itself, or a new wrapper around it."""
+    from .loading import TeacherRowsDataset, find_rows_dataset
+    from .replay import ReplayViewsDataset
+
+    top = dataset
+    if distiller.augmentation == "replay" and find_replay_dataset(dataset) is None:
+        base = base_dataset(dataset)
+        if hasattr(base, "filter_empty_gt"):
+            base.filter_empty_gt = False  # every view must exist, as it did when the teacher saw it
+        replay = ReplayViewsDataset(base, seed=0 if seed is None else int(seed))
+        replay.pipeline_cfg = copy.deepcopy(list(pipeline_cfg))  # what the store's record is compared with
+        parent = dataset
+        while parent is not base and getattr(parent, "dataset", None) is not base:
+            parent = parent.dataset
+        if parent is base:
+            top = replay
+        else:
+            parent.dataset = replay
+    spatial, pooled = rows_read_per_sample(distiller)
+    if (spatial or pooled) and find_rows_dataset(top) is None:
+        top = TeacherRowsDataset(top, cache=distiller.cache, spatial=spatial, pooled=pooled)
+    return top
+
+
 def _check_rows_wrapper(distiller: Any, dataset: Any) -> None:
     """Spatial maps (and pooled tables too large for memory) come from TeacherRowsDataset."""
     from .loading import find_rows_dataset
 
-    spatial = sorted(set(distiller.spatial_cfg.get("layers", {}).values())) if distiller.cache else []
-    pooled = sorted(set(distiller.layers.values())) if distiller.lazy_pooled else []
+    spatial, pooled = rows_read_per_sample(distiller)
     if not spatial and not pooled:
         return
     rows = find_rows_dataset(dataset)
-    how = (f"wrap the train dataset: train_dataloader.dataset=dict(type='TeacherRowsDataset', dataset=<it>, "
-           f"cache={distiller.cache!r}, spatial={spatial}, pooled={pooled}); `bevcache train` wraps it itself.")
+    how = (f"remove the wrapper (DistillationHook adds the right one) or make it "
+           f"dict(type='TeacherRowsDataset', dataset=<it>, cache={distiller.cache!r}, spatial={spatial}, "
+           f"pooled={pooled}).")
     if rows is None:
         raise ConfigError(f"the distiller reads teacher rows {spatial + pooled} per sample, but the train dataset has "
                           f"no TeacherRowsDataset to read them in the loader workers: {how}")
@@ -147,9 +188,8 @@ def _apply_augmentation_policy(distiller: Any, dataset: Any, base: Any, pipeline
     if policy == "replay":
         if replay is None:
             raise ConfigError(
-                "augmentation='replay' needs the base train dataset wrapped in ReplayViewsDataset: "
-                "train_dataloader.dataset=dict(type='ReplayViewsDataset', dataset=<the base dataset>) "
-                "(inside CBGS/Repeat wrappers); `bevcache train` wraps it itself.")
+                "augmentation='replay' needs the base train dataset wrapped in ReplayViewsDataset "
+                "(DistillationHook adds it before checking the data: call wiring.add_wrappers first).")
         if distiller.cache:
             replay.bind(num_views=distiller.num_views, recorded=distiller.view_record, where=distiller.cache)
         else:

@@ -170,6 +170,23 @@ def teacher_ckpt(tmp_path_factory) -> str:
     return str(path)
 
 
+SPATIAL_GRID = 16  # the spatial store's BEV grid for pts_neck (the tiny teacher's neck is 64 x 64)
+SPATIAL_VIEWS = 2
+
+
+@pytest.fixture(scope="session")
+def spatial_store(data_root, teacher_ckpt, tmp_path_factory) -> str:
+    """The tiny teacher's pts_neck pooled and as 16 x 16 maps, with 2 augmented views per sample
+    (session-wide, read-only)."""
+    from bevcache.extract import ExtractOptions, extract
+
+    out = tmp_path_factory.mktemp("spatial-views-store") / "features.zarr"
+    extract(ExtractOptions(config=str(CONFIGS / "tiny_teacher.py"), checkpoint=teacher_ckpt, out=str(out),
+                           data_root=str(data_root), batch_size=3, num_workers=0, chunk_rows=4,
+                           spatial=f"pts_neck={SPATIAL_GRID}", views=SPATIAL_VIEWS, progress=False))
+    return str(out)
+
+
 @pytest.fixture(scope="session")
 def fp32_store(data_root, teacher_ckpt, tmp_path_factory) -> str:
     """The tiny teacher's pooled pts_neck over the 12-sample data root, float32 (session-wide, read-only)."""

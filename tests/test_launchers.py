@@ -1,6 +1,8 @@
 """One config form, any launcher: mmdet3d's own tools/train.py, Runner.from_cfg and `bevcache train`
-train configs/tiny_student_crd.py with identical losses; mmdet3d's tools/test.py evaluates the
-distiller checkpoint; slurm is simulated for two local processes."""
+train configs/tiny_student_crd.py (pooled CRD) and configs/tiny_student_spatial_replay.py (replayed
+views, spatial maps read in the loader workers) with identical losses, and so do Runner.from_cfg and
+`bevcache train` under torchrun's `--launcher pytorch`; mmdet3d's tools/test.py evaluates the distiller checkpoint; slurm is
+simulated for two local processes."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import pytest
 from .conftest import CONFIGS, REPO, bevcache_cmd
 
 CRD_CONFIG = str(CONFIGS / "tiny_student_crd.py")
+SPATIAL_REPLAY_CONFIG = str(CONFIGS / "tiny_student_spatial_replay.py")
 MIM_TOOLS = Path(mmdet3d.__file__).parent / ".mim" / "tools"
 ITERS = 6  # one epoch of the 12-sample data root at batch 2
 
@@ -46,55 +49,113 @@ def logged_losses(work_dir: Path) -> list[dict]:
     return [{k: v for k, v in row.items() if k.startswith("loss")} for row in rows if "loss" in row]
 
 
-def test_three_launchers_give_identical_losses(data_root, fp32_store, tmp_path):
+def _env() -> dict:
+    """The subprocesses use this process's intra-op thread count (2, or 1 under xdist): float sums of
+    another thread count differ in the last bits, which six steps of training amplify."""
     import torch
-    from mmengine.config import Config
-    from mmengine.runner import Runner
 
-    # The subprocesses use this process's intra-op thread count (2, or 1 under xdist): float sums of
-    # another thread count differ in the last bits, which six steps of training amplify.
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    # (a) mmdet3d's own training script, from the installed wheel, in its own process
-    work_a = tmp_path / "tools_train"
-    result = subprocess.run([sys.executable, str(MIM_TOOLS / "train.py"), CRD_CONFIG, "--cfg-options",
-                             *short_options(data_root, fp32_store, work_a)],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    # (b) Runner.from_cfg in this process
-    work_b = tmp_path / "from_cfg"
-    cfg = Config.fromfile(CRD_CONFIG)
-    from bevcache.runtime import parse_cfg_options
+    return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+            "OMP_NUM_THREADS": str(torch.get_num_threads())}
 
-    cfg.merge_from_dict(parse_cfg_options(short_options(data_root, fp32_store, work_b)))
-    # mmengine keeps one visualizer per name and process: an earlier test's would write elsewhere
-    cfg.visualizer.name = f"visualizer-{work_b}"
-    Runner.from_cfg(cfg).train()
-    # (c) bevcache train
-    work_c = tmp_path / "bevcache_train"
-    result = subprocess.run(bevcache_cmd("train", "--student", CRD_CONFIG, "--cfg-options",
-                                         *short_options(data_root, fp32_store, work_c)),
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
 
-    losses = [logged_losses(w) for w in (work_a, work_b, work_c)]
-    assert len(losses[0]) == ITERS and "loss_crd_pts_neck" in losses[0][0]
+def assert_same_losses(losses: list[list[dict]], expect: set[str]) -> None:
+    assert len(losses[0]) == ITERS and expect <= set(losses[0][0]), losses[0][:1]
     for other in losses[1:]:
         assert len(other) == ITERS
         for a, b in zip(losses[0], other, strict=True):
             assert set(a) == set(b)
             for key in a:
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (key, losses)
+
+
+def _check(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+
+
+@pytest.mark.parametrize("form", ["pooled", "spatial_replay"])
+def test_three_launchers_give_identical_losses(form, data_root, fp32_store, spatial_store, tmp_path):
+    """No wrapper in either config: DistillationHook adds ReplayViewsDataset and TeacherRowsDataset
+    whichever entry point built the Runner."""
+    from mmengine.config import Config
+    from mmengine.runner import Runner
+
+    from bevcache.runtime import parse_cfg_options
+
+    config, store = (CRD_CONFIG, fp32_store) if form == "pooled" else (SPATIAL_REPLAY_CONFIG, spatial_store)
+    env = _env()
+    # (a) mmdet3d's own training script, from the installed wheel, in its own process
+    work_a = tmp_path / "tools_train"
+    _check(subprocess.run([sys.executable, str(MIM_TOOLS / "train.py"), config, "--cfg-options",
+                           *short_options(data_root, store, work_a)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600))
+    # (b) Runner.from_cfg in this process
+    work_b = tmp_path / "from_cfg"
+    cfg = Config.fromfile(config)
+    cfg.merge_from_dict(parse_cfg_options(short_options(data_root, store, work_b)))
+    # mmengine keeps one visualizer per name and process: an earlier test's would write elsewhere
+    cfg.visualizer.name = f"visualizer-{work_b}"
+    Runner.from_cfg(cfg).train()
+    # (c) bevcache train
+    work_c = tmp_path / "bevcache_train"
+    _check(subprocess.run(bevcache_cmd("train", "--student", config, "--cfg-options",
+                                       *short_options(data_root, store, work_c)),
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600))
+
+    expect = {"loss_crd_pts_neck"} | ({"loss_spatial_pts_neck"} if form == "spatial_replay" else set())
+    assert_same_losses([logged_losses(w) for w in (work_a, work_b, work_c)], expect)
     for work in (work_a, work_b, work_c):  # every launcher got the export hook
         assert (work / "student_weights.pth").is_file()
-
+    if form == "spatial_replay":
+        return
     # mmdet3d's own tools/test.py evaluates the distiller checkpoint: the student's predictions
     ckpt = work_a / "epoch_1.pth"
     result = subprocess.run([sys.executable, str(MIM_TOOLS / "test.py"), CRD_CONFIG, str(ckpt), "--cfg-options",
                              *short_options(data_root, fp32_store, tmp_path / "tools_test")],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    _check(result)
     assert "NuScenes metric/pred_instances_3d_NuScenes/mAP" in result.stdout + result.stderr
+
+
+RUNNER_DDP_SCRIPT = """
+import sys
+import torch.distributed as dist
+from mmengine.config import Config
+from mmengine.runner import Runner
+sys.path.insert(0, {repo!r})
+from bevcache.runtime import parse_cfg_options
+# What tools/train.py --launcher pytorch does, but with gloo: mmengine's init_dist sets a CUDA device
+# first, which a CPU build of torch lacks (the Runner reuses an existing group).
+dist.init_process_group("gloo")
+cfg = Config.fromfile(sys.argv[1])
+cfg.merge_from_dict(parse_cfg_options(sys.argv[2:]))
+cfg.launcher = "pytorch"
+cfg.model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None, broadcast_buffers=False)
+Runner.from_cfg(cfg).train()
+"""
+
+
+@pytest.mark.slow
+def test_runner_from_cfg_under_torchrun_equals_bevcache_train_under_torchrun(data_root, spatial_store, tmp_path):
+    """Two processes, `--launcher pytorch`, replay and spatial maps: the lazily sized embeddings
+    (synchronised after the first batch) and the dataset wrappers need nothing from `bevcache train`."""
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node", "2"]
+    env = {**_env(), "OMP_NUM_THREADS": "1"}
+    port = 29400 + os.getpid() % 150
+    script = tmp_path / "runner_ddp.py"
+    script.write_text(RUNNER_DDP_SCRIPT.format(repo=str(REPO)))
+    work_b, work_c = tmp_path / "from_cfg", tmp_path / "bevcache_train"
+    _check(subprocess.run([*torchrun, "--master-port", str(port), str(script), SPATIAL_REPLAY_CONFIG,
+                           *short_options(data_root, spatial_store, work_b)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600))
+    _check(subprocess.run([*torchrun, "--master-port", str(port + 150), "-m", "bevcache.cli", "train", "--student",
+                           SPATIAL_REPLAY_CONFIG, "--launcher", "pytorch", "--cfg-options",
+                           *short_options(data_root, spatial_store, work_c)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600))
+    losses = [logged_losses(w) for w in (work_b, work_c)]
+    assert len(losses[0]) == len(losses[1]) == ITERS // 2  # each rank takes half the epoch
+    assert {"loss_crd_pts_neck", "loss_spatial_pts_neck"} <= set(losses[0][0])
+    for a, b in zip(losses[0], losses[1], strict=True):
+        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5) for k in a), losses
 
 
 SLURM_SCRIPT = """

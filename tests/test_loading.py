@@ -18,29 +18,9 @@ from bevcache.loading import TeacherRowsDataset, find_rows_dataset, map_field, v
 from bevcache.replay import VIEW_META, ReplayViewsDataset
 from bevcache.store import FeatureStore, open_store
 
-from .conftest import CONFIGS, tiny_cfg
+from .conftest import CONFIGS, SPATIAL_GRID, SPATIAL_VIEWS, tiny_cfg
 
-GRID = 16  # the store's BEV grid for pts_neck (the tiny teacher's neck is 64 x 64)
-VIEWS = 2
-
-
-def make_spatial_store(data_root: Path, checkpoint: str, base: Path) -> str:
-    """The tiny teacher's pts_neck pooled and as 16 x 16 maps, with 2 augmented views per sample,
-    made once per test session (tests/test_spatial_training.py reuses it) and only read."""
-    from bevcache.extract import ExtractOptions, extract
-    from bevcache.store import store_exists
-
-    out = base / "spatial-views-store" / "features.zarr"
-    if not (store_exists(str(out)) and open_store(str(out)).complete_mask().all()):
-        extract(ExtractOptions(config=str(CONFIGS / "tiny_teacher.py"), checkpoint=checkpoint, out=str(out),
-                               data_root=str(data_root), batch_size=3, num_workers=0, chunk_rows=4,
-                               spatial=f"pts_neck={GRID}", views=VIEWS, progress=False, overwrite=True))
-    return str(out)
-
-
-@pytest.fixture(scope="module")
-def spatial_store(data_root, teacher_ckpt, tmp_path_factory) -> str:
-    return make_spatial_store(data_root, teacher_ckpt, tmp_path_factory.getbasetemp())
+GRID, VIEWS = SPATIAL_GRID, SPATIAL_VIEWS
 
 
 def base_dataset(data_root: Path, pipeline: str = "train_pipeline"):
@@ -129,7 +109,7 @@ def test_a_spawned_worker_reopens_the_store_and_reads_the_same_maps(data_root, s
 # The distiller's choice: pooled table in memory, or read per sample by the workers
 
 
-def _crd_config(data_root: Path, store: str, work_dir: Path, *, pooled_rows: bool):
+def _crd_config(data_root: Path, store: str, work_dir: Path):
     from mmengine.config import Config
 
     from bevcache.data import set_data_root
@@ -141,9 +121,6 @@ def _crd_config(data_root: Path, store: str, work_dir: Path, *, pooled_rows: boo
     cfg.model.cache = store
     cfg.model.augmentation = "drop"
     cfg = iteration_run(cfg, work_dir=work_dir, iters=1, batch_size=2, seed=5)
-    if pooled_rows:
-        cfg.train_dataloader.dataset = dict(type="TeacherRowsDataset", dataset=cfg.train_dataloader.dataset,
-                                            cache=store, pooled=["pts_neck"])
     return cfg
 
 
@@ -173,27 +150,17 @@ def test_the_distiller_logs_its_choice_and_lazy_pooled_rows_give_the_same_losses
                                                                                monkeypatch):
     import bevcache.loading
 
-    memory_run, in_memory = _losses(_crd_config(data_root, spatial_store, tmp_path / "memory", pooled_rows=False))
+    memory_run, in_memory = _losses(_crd_config(data_root, spatial_store, tmp_path / "memory"))
     assert "held in memory on the training device" in _log(memory_run)
     assert hasattr(memory_run.model, "teacher_table__pts_neck") and not memory_run.model.lazy_pooled
 
     monkeypatch.setattr(bevcache.loading, "POOLED_IN_MEMORY_BYTES", 0)  # every table counts as too large
     monkeypatch.setattr(FeatureStore, "read_table", _refuse_whole_table)
-    lazy_run, lazy = _losses(_crd_config(data_root, spatial_store, tmp_path / "lazy", pooled_rows=True))
+    lazy_run, lazy = _losses(_crd_config(data_root, spatial_store, tmp_path / "lazy"))
+    rows = lazy_run.train_dataloader.dataset  # added by DistillationHook: the config has no wrapper
+    assert isinstance(rows, TeacherRowsDataset) and rows.pooled == ["pts_neck"] and rows.spatial == []
     assert "read per sample by the loader workers (TeacherRowsDataset)" in _log(lazy_run)
     assert lazy_run.model.lazy_pooled and not hasattr(lazy_run.model, "teacher_table__pts_neck")
     assert [r["loss_crd_pts_neck"] for r in lazy] == pytest.approx([r["loss_crd_pts_neck"] for r in in_memory],
                                                                     rel=1e-6)
 
-
-def test_a_lazy_pooled_table_without_the_wrapper_is_refused_with_the_fix(data_root, spatial_store, tmp_path,
-                                                                        monkeypatch):
-    from mmengine.runner import Runner
-
-    import bevcache.loading
-    from bevcache.errors import ConfigError
-
-    monkeypatch.setattr(bevcache.loading, "POOLED_IN_MEMORY_BYTES", 0)
-    runner = Runner.from_cfg(_crd_config(data_root, spatial_store, tmp_path, pooled_rows=False))
-    with pytest.raises(ConfigError, match=r"no TeacherRowsDataset.*type='TeacherRowsDataset'.*pooled=\['pts_neck'\]"):
-        runner.train()

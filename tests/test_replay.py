@@ -48,9 +48,14 @@ def views_store(data_root, teacher_ckpt, tmp_path_factory) -> str:  # noqa: F811
 
 
 def _train_dataset(cfg):
-    from mmdet3d.registry import DATASETS
+    """The train dataset as DistillationHook leaves it: the config's, with the wrappers the distiller reads through."""
+    from mmdet3d.registry import DATASETS, MODELS
 
-    return DATASETS.build(cfg.train_dataloader.dataset)
+    from bevcache.wiring import add_wrappers, base_pipeline_cfg
+
+    distiller = MODELS.build(cfg.model)
+    return add_wrappers(distiller, DATASETS.build(cfg.train_dataloader.dataset),
+                        base_pipeline_cfg(cfg.train_dataloader.dataset), seed=(cfg.get("randomness") or {}).get("seed"))
 
 
 def _points_and_boxes(sample: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -279,8 +284,7 @@ def test_replay_works_inside_cbgs_with_loader_workers(views_store, data_root, tm
     config.write_text(f"_base_ = [{REPLAY_STUDENT!r}]\ntrain_dataloader = dict(dataset=dict(_delete_=True, "
                       f"type='CBGSDataset', dataset={dataset!r}))\n")
     cfg = build_train_config(TrainOptions(student=str(config), data_root=str(data_root), cache=views_store))
-    assert cfg.train_dataloader.dataset.type == "CBGSDataset"
-    assert cfg.train_dataloader.dataset.dataset.type == "ReplayViewsDataset"
+    from mmdet3d.datasets import CBGSDataset
     from mmengine.hooks import Hook
     from mmengine.runner import Runner
 
@@ -295,6 +299,8 @@ def test_replay_works_inside_cbgs_with_loader_workers(views_store, data_root, tm
     rec = ViewRecorder()
     runner.register_hook(rec)
     runner.train()  # the distiller checks every sample's input digest against the store
+    cbgs = runner.train_dataloader.dataset  # DistillationHook put the replay wrapper inside CBGS
+    assert isinstance(cbgs, CBGSDataset) and isinstance(cbgs.dataset, ReplayViewsDataset)
     assert len(rec.views) == 6 and set(rec.views) <= {1, 2}  # every sample showed a cached view
 
 

@@ -21,13 +21,7 @@ from bevcache.store import open_store
 from bevcache.warp import bev_transform, warp_bev
 
 from .conftest import CONFIGS, iteration_run
-from .test_loading import make_spatial_store
 from .test_pipeline import object_sample
-
-
-@pytest.fixture(scope="module")
-def spatial_store(data_root, teacher_ckpt, tmp_path_factory) -> str:
-    return make_spatial_store(data_root, teacher_ckpt, tmp_path_factory.getbasetemp())
 
 
 class BevcacheTestRandomNudge(BaseTransform):
@@ -171,11 +165,24 @@ def test_ignore_non_warpable_trains_with_a_warning(data_root, spatial_store, tmp
     assert "warping cached maps although ['BevcacheTestRandomNudge']" in _log(runner)
 
 
-def test_without_teacher_rows_dataset_is_refused_with_how_to(data_root, spatial_store, tmp_path):
-    runner = Runner.from_cfg(spatial_config(data_root, spatial_store, tmp_path, rows_wrapper=False))
-    with pytest.raises(ConfigError, match=r"no TeacherRowsDataset to read them in the loader workers: wrap the train "
-                                          r"dataset: train_dataloader.dataset=dict\(type='TeacherRowsDataset'.*"
-                                          r"spatial=\['pts_neck'\]"):
+def test_without_teacher_rows_dataset_the_hook_adds_it_with_the_same_losses(data_root, spatial_store, tmp_path):
+    from bevcache.loading import TeacherRowsDataset
+
+    wrapped_runner, wrapped = train(spatial_config(data_root, spatial_store, tmp_path / "wrapped"))
+    plain_runner, plain = train(spatial_config(data_root, spatial_store, tmp_path / "plain", rows_wrapper=False))
+    rows = plain_runner.train_dataloader.dataset
+    assert isinstance(rows, TeacherRowsDataset) and rows.spatial == ["pts_neck"] and rows.cache == spatial_store
+    assert [r["loss_spatial_pts_neck"] for r in plain.losses] == pytest.approx(
+        [r["loss_spatial_pts_neck"] for r in wrapped.losses], rel=1e-6)
+
+
+def test_a_wrapper_reading_the_wrong_rows_is_refused_with_how_to(data_root, spatial_store, tmp_path):
+    cfg = spatial_config(data_root, spatial_store, tmp_path, rows_wrapper=False)
+    cfg.train_dataloader.dataset = dict(type="TeacherRowsDataset", dataset=cfg.train_dataloader.dataset,
+                                        cache=spatial_store, pooled=["pts_neck"])
+    runner = Runner.from_cfg(cfg)
+    with pytest.raises(ConfigError, match=r"TeacherRowsDataset reads \[\] / \['pts_neck'\].*needs \['pts_neck'\] / "
+                                          r"\[\].*remove the wrapper \(DistillationHook adds the right one\)"):
         runner.train()
 
 

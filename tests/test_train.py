@@ -168,8 +168,8 @@ def test_two_process_training_keeps_memory_banks_identical(data_root, fp32_store
     assert result.returncode == 0, result.stderr[-4000:]
     banks = [torch.load(tmp_path / f"crd_rank{r}.pt") for r in (0, 1)]
     initial = torch.load(tmp_path / "crd_initial.pt")
-    for key in ("memory_s", "memory_t", "z_s", "z_t"):
-        assert torch.equal(banks[0][key], banks[1][key]), key
+    for key in ("memory_s", "memory_t", "z_s", "z_t", "embed_s.weight", "embed_s.bias", "embed_t.weight"):
+        assert torch.equal(banks[0][key], banks[1][key]), key  # lazily sized embeddings too (bevcache.lazy_params)
     assert not torch.equal(banks[0]["memory_s"], initial["memory_s"])  # the banks did move
 
 
