@@ -27,8 +27,13 @@ demo-fused-docs: setup
 bench: setup
 	$(PY) benchmarks/run_all.py
 
+# The quality matrix (issue 18) in resumable pieces of under 2 h on 2 cores: each call runs the next
+# unfinished piece (PIECE=all: every piece, ~12 h; PIECE=report: only the report), then rewrites
+# docs/quality/report.md. `$(PY) pipelines/quality/run.py --plan` lists every run, its cost, what is done.
+PIECE ?= next
 quality: setup
-	$(PY) pipelines/quality/run.py
+	$(PY) pipelines/quality/run.py --plan
+	$(PY) pipelines/quality/run.py --piece $(PIECE)
 
 lint: setup
 	$(PY) -m ruff check bevcache bevcache_cli.py tests pipelines benchmarks
