@@ -408,32 +408,83 @@ class CRDDistiller(BaseModel):
             maps = self.teacher_recorder.spatial({t: grid for t in spatial_layers}, len(data_samples))
             return pooled, maps
 
+    def spatial_loader_settings(self) -> dict:
+        """What TeacherRowsDataset's workers need to prepare each sample's maps for `_spatial_losses`
+        (`TeacherRowsDataset.prepare_spatial`); complete once the train data is attached (the warp's
+        augmentation order is read from the pipeline then)."""
+        c = self.spatial_cfg
+        return dict(bev_range=c["bev_range"], warp=self.augmentation == "warp", order=self.augmentation_order,
+                    min_radius=c["min_radius"], overlap=c["overlap"])
+
     def _spatial_losses(self, student_maps: dict, teacher_maps: dict, data_samples: list) -> dict[str, Tensor]:
         """loss_spatial_<layer> (+ loss_spatial_nce_<layer>): teacher maps warped into each sample's
-        augmented frame when augmentation='warp', weighted by the sample's GT boxes on the grid."""
+        augmented frame when augmentation='warp', weighted by the sample's GT boxes on the grid.
+        The loader workers prepare both per sample when TeacherRowsDataset has `prepare` settings;
+        otherwise (and for the online teacher) they are computed here, on the batch."""
         from .features import first_map
-        from .warp import bev_transform, gaussian_foreground, warp_bev
 
         c = self.spatial_cfg
         losses = {}
+        prepared = self._prepared(data_samples)
         for s, t in c["layers"].items():
-            teacher = teacher_maps[t]  # [B, C, h, w]
-            h, w = teacher.shape[-2:]
-            valid = None
-            if self.augmentation == "warp" and self.teacher is None:
-                transforms = torch.as_tensor(np.stack([bev_transform(d.metainfo, self.augmentation_order)
-                                                       for d in data_samples]),
-                                             dtype=torch.float32, device=teacher.device)  # [B, 3, 3]
-                teacher, valid = warp_bev(teacher, transforms, c["bev_range"])
-            fg = torch.stack([gaussian_foreground(d.gt_instances_3d.bboxes_3d, c["bev_range"], (h, w),
-                                                  min_radius=c["min_radius"], overlap=c["overlap"])
-                              for d in data_samples]).to(teacher.device)  # [B, h, w]
+            if prepared:
+                teacher, valid, fg = self._stacked_targets(t, teacher_maps[t], data_samples)
+            else:
+                teacher, valid, fg = self._batch_targets(teacher_maps[t], data_samples)
             student = first_map(student_maps[s], len(data_samples))  # pooled to the teacher grid by the loss
             terms = self.spatial_loss[_key(s)](student, teacher, valid, fg)
             losses[f"loss_spatial_{s}"] = c["weight"] * terms["feat"]
             if "nce" in terms:
                 losses[f"loss_spatial_nce_{s}"] = c["contrastive_weight"] * terms["nce"]
         return losses
+
+    def _prepared(self, data_samples: list) -> bool:
+        """Did the loader workers warp and weigh these samples' maps, with this distiller's settings?"""
+        from .loading import PREP_META, SpatialPrep
+
+        keys = [d.metainfo.get(PREP_META) for d in data_samples] if self.teacher is None else [None]
+        if all(k is None for k in keys):
+            if self.teacher is None and not getattr(self, "_said_main_process", False):
+                self._said_main_process = True
+                print_log("CRDDistiller: spatial targets (warp, foreground) are computed on the main process: "
+                          "TeacherRowsDataset has no prepare settings (TeacherRowsDataset.prepare_spatial)",
+                          logger="current")
+            return False
+        mine = SpatialPrep.of(self.spatial_loader_settings()).key()
+        wrong = next((k for k in keys if k != mine), None)
+        if any(k is None for k in keys) or wrong is not None:
+            raise ConfigError(f"CRDDistiller: the loader prepared the teacher maps with settings {wrong} (bev_range, "
+                              f"warp, order, min_radius, overlap), but this distiller's are {mine}: give "
+                              "TeacherRowsDataset prepare=<the distiller's spatial_loader_settings()>, or no prepare.")
+        return True
+
+    def _stacked_targets(self, layer: str, teacher: Tensor, data_samples: list):
+        """(teacher, valid, fg) from the fields the loader workers prepared."""
+        from .loading import fg_field, valid_field
+
+        valid = None
+        if self.augmentation == "warp":
+            valid = torch.stack([getattr(d, valid_field(layer)) for d in data_samples]).to(teacher.device)
+        fg = torch.stack([getattr(d, fg_field(layer)) for d in data_samples]).to(teacher.device)  # [B, h, w]
+        return teacher, valid, fg
+
+    def _batch_targets(self, teacher: Tensor, data_samples: list):
+        """(teacher, valid, fg) computed here on the batch: the warp (cached maps, augmentation='warp')
+        and the foreground heatmaps of the samples' GT boxes."""
+        from .warp import bev_transform, gaussian_foreground, warp_bev
+
+        c = self.spatial_cfg
+        h, w = teacher.shape[-2:]
+        valid = None
+        if self.augmentation == "warp" and self.teacher is None:
+            transforms = torch.as_tensor(np.stack([bev_transform(d.metainfo, self.augmentation_order)
+                                                   for d in data_samples]),
+                                         dtype=torch.float32, device=teacher.device)  # [B, 3, 3]
+            teacher, valid = warp_bev(teacher, transforms, c["bev_range"])
+        fg = torch.stack([gaussian_foreground(d.gt_instances_3d.bboxes_3d, c["bev_range"], (h, w),
+                                              min_radius=c["min_radius"], overlap=c["overlap"])
+                          for d in data_samples]).to(teacher.device)  # [B, h, w]
+        return teacher, valid, fg
 
     def _checked_views(self, data_samples: list, device: torch.device) -> Tensor:
         """The view each sample shows, after proving its input is the one the teacher saw."""

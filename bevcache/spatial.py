@@ -17,6 +17,12 @@ which look alike: expect the term to plateau above 0).
 `forward` returns a dict of unweighted terms, {'feat': ..., 'nce': ...} ('nce' only with
 contrastive=True), like CRDLoss returns an unweighted loss: the distiller scales and names them
 (mmengine sums only keys containing 'loss').
+
+Same loss, computed for speed (benchmarks/bench_spatial.py; `_forward_autograd` is the plain
+autograd formulation it is tested against): the student map is pooled by two small matrix products
+(adaptive average pooling is separable), the 1x1 adapter is one batched matrix product over the
+pooled cells, and the per-cell term works from three channel sums (|s|^2, |t|^2, s.t) with its own
+gradient (`_CellLoss`), so no normalised [B, C, h, w] copies are made or kept for the backward.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parameter import UninitializedParameter
 
 from .errors import SettingError
 
@@ -74,44 +81,75 @@ class SpatialDistillLoss(nn.Module):
         self, student: Tensor, teacher: Tensor, valid: Tensor | None = None, fg: Tensor | None = None
     ) -> dict[str, Tensor]:
         """student [B, Cs, Hs, Ws], teacher [B, Ct, h, w], valid / fg [B, 1, h, w] or [B, h, w] -> terms."""
-        b, _, h, w = teacher.shape
-        if student.ndim != 4 or teacher.ndim != 4 or student.shape[0] != b:
-            raise ValueError(f"expected student [B, Cs, Hs, Ws] and teacher [B, Ct, h, w]. Got "
-                             f"{tuple(student.shape)} and {tuple(teacher.shape)}.")
+        b, ct, h, w = self._check(student, teacher)
         valid = _cells(valid, teacher, 1.0)  # [B, 1, h, w]
         fg = _cells(fg, teacher, 0.0)  # [B, 1, h, w]
-        device = student.device
-        no_autocast = (torch.autocast(device.type, enabled=False) if device.type != "meta"
-                       else contextlib.nullcontext())
-        with no_autocast:  # the whole loss in float32, also under AMP
+        with _float32(student.device):  # the whole loss in float32, also under AMP
             # Average pooling and a 1x1 conv are both linear per cell and commute exactly;
             # pooling first runs the adapter on h*w cells instead of Hs*Ws.
-            pooled = F.adaptive_avg_pool2d(student.float(), (h, w))  # [B, Cs, h, w]
-            s = F.normalize(self.adapter(pooled), dim=1)  # [B, Ct, h, w]
-            t = F.normalize(teacher.detach().float(), dim=1)  # [B, Ct, h, w]
-            if self.loss == "mse":
-                per_cell = (s - t).square().sum(1, keepdim=True)  # [B, 1, h, w]
+            pooled = pool_to(student.float(), (h, w))  # [B, Cs, h, w]
+            if isinstance(self.adapter.weight, UninitializedParameter):
+                self.adapter(pooled[:1, :, :1, :1])  # sizes (and initialises) a lazy adapter, as a first call would
+            weight = self.adapter.weight.view(ct, -1)  # [Ct, Cs]
+            cells = pooled.flatten(2)  # [B, Cs, h*w]
+            # bmm of the expanded weight: torch.matmul would copy a transposed operand both ways
+            if self.adapter.bias is not None:
+                s = torch.baddbmm(self.adapter.bias[:, None].expand(b, ct, h * w), weight.expand(b, *weight.shape), cells)
             else:
-                per_cell = 1 - (s * t).sum(1, keepdim=True)  # [B, 1, h, w]
-            weight = (self.bg_weight + (self.fg_weight - self.bg_weight) * fg) * valid  # [B, 1, h, w]
-            terms = {"feat": (weight * per_cell).sum() / weight.sum().clamp_min(self.eps)}
+                s = torch.bmm(weight.expand(b, *weight.shape), cells)  # [B, Ct, h*w]
+            t = teacher.detach().float().flatten(2)  # [B, Ct, h*w]
+            per_cell = _CellLoss.apply(s, t, self.loss == "mse", self.eps)  # [B, h*w]
+            cell_weight = ((self.bg_weight + (self.fg_weight - self.bg_weight) * fg) * valid).flatten(1)  # [B, h*w]
+            terms = {"feat": (cell_weight * per_cell).sum() / cell_weight.sum().clamp_min(self.eps)}
             if self.contrastive:
-                keep = (fg > self.fg_threshold) & (valid > 0)  # [B, 1, h, w]
-                terms["nce"] = self._info_nce(s, t, keep[:, 0])
+                keep = ((fg > self.fg_threshold) & (valid > 0)).flatten(1)  # [B, h*w]
+                s_cells = F.normalize(s.transpose(1, 2)[keep], dim=1)  # [n, Ct] in (sample, row, column) order
+                t_cells = F.normalize(t.transpose(1, 2)[keep], dim=1)  # [n, Ct]
+                terms["nce"] = self._info_nce(s_cells, t_cells, s)
         return terms
 
-    def _info_nce(self, s: Tensor, t: Tensor, keep: Tensor) -> Tensor:
-        """InfoNCE of unit [B, C, h, w] maps over the kept [B, h, w] cells; positive = same cell."""
-        s_cells = s.permute(0, 2, 3, 1)[keep]  # [n, C]
-        t_cells = t.permute(0, 2, 3, 1)[keep]  # [n, C]
+    def _forward_autograd(
+        self, student: Tensor, teacher: Tensor, valid: Tensor | None = None, fg: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """The same terms by plain autograd over normalised maps: the reference `forward` is tested
+        and benchmarked against."""
+        b, ct, h, w = self._check(student, teacher)
+        valid = _cells(valid, teacher, 1.0)
+        fg = _cells(fg, teacher, 0.0)
+        with _float32(student.device):
+            pooled = F.adaptive_avg_pool2d(student.float(), (h, w))
+            s = F.normalize(self.adapter(pooled), dim=1)  # [B, Ct, h, w]
+            t = F.normalize(teacher.detach().float(), dim=1)
+            if self.loss == "mse":
+                per_cell = (s - t).square().sum(1, keepdim=True)
+            else:
+                per_cell = 1 - (s * t).sum(1, keepdim=True)
+            weight = (self.bg_weight + (self.fg_weight - self.bg_weight) * fg) * valid
+            terms = {"feat": (weight * per_cell).sum() / weight.sum().clamp_min(self.eps)}
+            if self.contrastive:
+                keep = ((fg > self.fg_threshold) & (valid > 0))[:, 0]
+                terms["nce"] = self._info_nce(s.permute(0, 2, 3, 1)[keep], t.permute(0, 2, 3, 1)[keep], s)
+        return terms
+
+    @staticmethod
+    def _check(student: Tensor, teacher: Tensor) -> tuple[int, int, int, int]:
+        if student.ndim != 4 or teacher.ndim != 4 or student.shape[0] != teacher.shape[0]:
+            raise ValueError(f"expected student [B, Cs, Hs, Ws] and teacher [B, Ct, h, w]. Got "
+                             f"{tuple(student.shape)} and {tuple(teacher.shape)}.")
+        b, ct, h, w = teacher.shape
+        return b, ct, h, w
+
+    def _info_nce(self, s_cells: Tensor, t_cells: Tensor, graph: Tensor) -> Tensor:
+        """InfoNCE of the kept cells' unit [n, C] student and teacher vectors; positive = same cell.
+        `graph`: a tensor of the student's graph, for a zero that keeps it when n < 2."""
         n = s_cells.shape[0]
         if n < 2:  # no negatives: a zero that keeps the graph (DDP needs every parameter used)
-            return s.sum() * 0
+            return graph.sum() * 0
         if n > self.max_cells:
-            pick = torch.randperm(n, device=s.device)[: self.max_cells]
+            pick = torch.randperm(n, device=s_cells.device)[: self.max_cells]
             s_cells, t_cells, n = s_cells[pick], t_cells[pick], self.max_cells
         logits = s_cells @ t_cells.T / self.tau  # [n, n], diagonal = positives
-        return F.cross_entropy(logits, torch.arange(n, device=s.device))
+        return F.cross_entropy(logits, torch.arange(n, device=s_cells.device))
 
 
 def _cells(x: Tensor | None, like: Tensor, fill: float) -> Tensor:
@@ -124,3 +162,67 @@ def _cells(x: Tensor | None, like: Tensor, fill: float) -> Tensor:
     if x.shape != (b, 1, h, w):
         raise ValueError(f"expected a per-cell map [B, 1, h, w] = {(b, 1, h, w)}. Got {tuple(x.shape)}.")
     return x
+
+
+def _float32(device: torch.device) -> contextlib.AbstractContextManager:
+    """No autocast on this device type (the loss's maths stays float32 under AMP)."""
+    return torch.autocast(device.type, enabled=False) if device.type != "meta" else contextlib.nullcontext()
+
+
+def _pool_matrix(n_in: int, n_out: int) -> Tensor:
+    """[n_out, n_in] float32: row i averages the inputs of adaptive_avg_pool's window i
+    (floor(i * n_in / n_out) to ceil((i + 1) * n_in / n_out))."""
+    i = torch.arange(n_out)
+    start, end = (i * n_in) // n_out, ((i + 1) * n_in + n_out - 1) // n_out
+    j = torch.arange(n_in)
+    inside = (j >= start[:, None]) & (j < end[:, None])
+    return inside.float() / (end - start).float()[:, None]
+
+
+def pool_to(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """adaptive_avg_pool2d of [B, C, H, W] to (h, w) as two matrix products (its windows are
+    separable): the same values to float rounding, and on the CPU a cheaper backward."""
+    h, w = size
+    rows, cols = x.shape[-2:]
+    if (rows, cols) == (h, w):
+        return x
+    lead = x.shape[:-2]
+    if cols != w:
+        x = torch.matmul(x, _pool_matrix(cols, w).to(x.device, x.dtype).T)  # [B, C, H, w]: one folded mm
+    if rows != h:
+        pool = _pool_matrix(rows, h).to(x.device, x.dtype)  # [h, H]
+        planes = x.reshape(-1, rows, w)  # [B*C, H, w]
+        x = torch.bmm(pool.expand(planes.shape[0], h, rows), planes).view(*lead, h, w)  # no transposed copies
+    return x
+
+
+class _CellLoss(torch.autograd.Function):
+    """Per-cell |s/|s| - t/|t||^2 (mse) or 1 - cos(s, t) (cosine) of [B, C, n] maps -> [B, n], with
+    F.normalize's clamp (|x| -> max(|x|, eps)), from the channel sums |s|^2, |t|^2, s.t; the
+    gradient w.r.t. s is A * s + b * t per cell (derived in the backward), so only s, t and [B, n]
+    sums are kept."""
+
+    @staticmethod
+    def forward(ctx, s: Tensor, t: Tensor, mse: bool, eps: float) -> Tensor:
+        norm_s, norm_t = torch.linalg.vector_norm(s, dim=1), torch.linalg.vector_norm(t, dim=1)  # [B, n]
+        ns, nt = norm_s.clamp_min(eps), norm_t.clamp_min(eps)
+        cos = (s * t).sum(1) / (ns * nt)  # [B, n]
+        if mse:  # |s^|^2 + |t^|^2 - 2 s^.t^ (each squared norm is 1 unless clamped)
+            per_cell = (norm_s / ns).square() + (norm_t / nt).square() - 2 * cos
+        else:
+            per_cell = 1 - cos
+        ctx.save_for_backward(s, t, ns, nt, cos)
+        ctx.mse, ctx.eps = mse, eps
+        return per_cell
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        s, t, ns, nt, cos = ctx.saved_tensors
+        k = 2.0 if ctx.mse else 1.0
+        # Unclamped (|s| > eps): d/ds [-k cos] = -k / (|s| |t|) * (t - (s.t / |s|^2) s).
+        # Clamped (s^ = s / eps): |s^|^2 adds 2 s / eps^2 (mse); cos's s-term has no gradient.
+        clamped = ns <= ctx.eps
+        a = torch.where(clamped, 2.0 / ctx.eps**2 if ctx.mse else 0.0, k * cos / ns.square())  # [B, n]
+        b = -k / (ns * nt)  # [B, n]
+        grad_s = torch.addcmul(s * (grad * a)[:, None], t, (grad * b)[:, None])  # [B, C, n]
+        return grad_s, None, None, None

@@ -1,7 +1,9 @@
 """TeacherRowsDataset (bevcache/loading.py): loader workers read each sample's own teacher rows
 lazily from the store (one store handle per worker, never the whole table), in forked and spawned
-workers, under augmentation replay too; the distiller logs whether its pooled table is held in
-memory or read per sample, and both give the same CRD losses."""
+workers, under augmentation replay too; with `prepare` settings the workers warp each map into its
+sample's augmented frame and draw its foreground exactly as the main process did on the batch; the
+distiller logs whether its pooled table is held in memory or read per sample, and both give the
+same CRD losses."""
 
 from __future__ import annotations
 
@@ -14,7 +16,17 @@ import torch
 from mmengine.dataset import pseudo_collate
 from torch.utils.data import DataLoader
 
-from bevcache.loading import TeacherRowsDataset, find_rows_dataset, map_field, vec_field
+from bevcache.errors import ConfigError
+from bevcache.loading import (
+    PREP_META,
+    SpatialPrep,
+    TeacherRowsDataset,
+    fg_field,
+    find_rows_dataset,
+    map_field,
+    valid_field,
+    vec_field,
+)
 from bevcache.replay import VIEW_META, ReplayViewsDataset
 from bevcache.store import FeatureStore, open_store
 
@@ -103,6 +115,71 @@ def test_a_spawned_worker_reopens_the_store_and_reads_the_same_maps(data_root, s
     for s in samples:
         np.testing.assert_array_equal(getattr(s, map_field("pts_neck")).numpy(),
                                       store.read_spatial("pts_neck", [int(s.metainfo["sample_idx"])])[0])
+
+
+BEV_RANGE = (-25.6, -25.6, 25.6, 25.6)  # configs/_base_/synthetic_nus.py's point_cloud_range in the BEV plane
+
+
+def batch_targets(samples: list, maps: torch.Tensor, prep: SpatialPrep):
+    """The reference: what the distiller's main process computes on a batch (warp_bev of the
+    stacked float16 maps, one gaussian_foreground per sample)."""
+    from bevcache.warp import bev_transform, gaussian_foreground, warp_bev
+
+    h, w = maps.shape[-2:]
+    transforms = torch.as_tensor(np.stack([bev_transform(s.metainfo, prep.order) for s in samples]),
+                                 dtype=torch.float32)
+    warped, valid = warp_bev(maps.float(), transforms, prep.bev_range)
+    fg = torch.stack([gaussian_foreground(s.gt_instances_3d.bboxes_3d, prep.bev_range, (h, w),
+                                          min_radius=prep.min_radius, overlap=prep.overlap) for s in samples])
+    return warped, valid, fg
+
+
+def test_workers_warp_and_weigh_each_sample_exactly_as_the_main_process_did_on_the_batch(data_root, spatial_store):
+    from bevcache.warp import augmentation_order
+
+    base = base_dataset(data_root, "augmented_train_pipeline")
+    rows = TeacherRowsDataset(base, spatial_store, spatial=["pts_neck"],
+                              prepare=dict(bev_range=BEV_RANGE, warp=True, min_radius=2, overlap=0.1))
+    # no order given: the wrapped pipeline's own (what the distiller reads at before_train)
+    assert rows.prepare is not None and rows.prepare.order == augmentation_order(
+        [type(t).__name__ for t in base.pipeline.transforms])
+    samples = load_all(rows, workers=2, batch_size=4)
+    store = open_store(spatial_store)
+    assert len(samples) == 12
+    raw = torch.from_numpy(store.read_spatial("pts_neck", [int(s.metainfo["sample_idx"]) for s in samples]))
+    warped, valid, fg = batch_targets(samples, raw, rows.prepare)
+    moved = 0
+    for k, s in enumerate(samples):
+        assert s.metainfo[PREP_META] == rows.prepare.key()
+        got = getattr(s, map_field("pts_neck"))
+        assert got.dtype == torch.float32 and tuple(got.shape) == (512, GRID, GRID)
+        assert torch.equal(got, warped[k]) and torch.equal(getattr(s, valid_field("pts_neck")), valid[k])
+        assert torch.equal(getattr(s, fg_field("pts_neck")), fg[k]) and fg[k].max() == 1  # its boxes are drawn
+        moved += not torch.equal(got, raw[k].float())
+    assert moved >= 10  # the augmentation moved (almost) every map; the reference followed each one
+
+
+def test_without_warp_the_workers_attach_the_read_map_and_its_foreground(data_root, spatial_store):
+    rows = TeacherRowsDataset(base_dataset(data_root), spatial_store, spatial=["pts_neck"])
+    rows.prepare_spatial(dict(bev_range=BEV_RANGE, warp=False, order=("RandomFlip3D",)))
+    assert rows.prepare is not None and rows.prepare.key()[2] is None  # the order means nothing without a warp
+    samples = load_all(rows, workers=1)
+    store = open_store(spatial_store)
+    for s in samples:
+        row = int(s.metainfo["sample_idx"])
+        got = getattr(s, map_field("pts_neck"))
+        assert got.dtype == torch.float16 and torch.equal(got, torch.from_numpy(store.read_spatial("pts_neck", [row])[0]))
+        assert valid_field("pts_neck") not in s and fg_field("pts_neck") in s
+    rows.prepare_spatial(None)
+    assert PREP_META not in rows[0]["data_samples"].metainfo and fg_field("pts_neck") not in rows[0]["data_samples"]
+
+
+def test_prepare_settings_are_checked():
+    with pytest.raises(ConfigError, match="prepare must be a dict with bev_range and warp"):
+        SpatialPrep.of(dict(bev_range=BEV_RANGE, warp=True, radius=2))
+    with pytest.raises(ConfigError, match="prepare must be a dict"):
+        SpatialPrep.of(dict(warp=True))
+    assert SpatialPrep.of(dict(bev_range=[-1, -2, 3, 4], warp=False)).bev_range == (-1.0, -2.0, 3.0, 4.0)
 
 
 # ---------------------------------------------------------------------------------------------

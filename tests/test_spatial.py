@@ -153,3 +153,45 @@ def test_bad_arguments_are_refused():
         SpatialDistillLoss(2, 2, fg_weight=0, bg_weight=0)
     with pytest.raises(ValueError, match="per-cell map"):
         SpatialDistillLoss(2, 2)(torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 4), torch.ones(1, 1, 2, 2))
+
+
+@pytest.mark.parametrize("kind", ["mse", "cosine"])
+def test_forward_equals_the_autograd_reference_in_value_and_gradients(kind):
+    """The fused forward (separable pooling, bmm adapter, _CellLoss's own gradient) against plain
+    autograd over normalised maps, with cells whose student or teacher vector is (clamped) zero."""
+    torch.manual_seed(8)
+    loss = SpatialDistillLoss(None, 12, loss=kind, contrastive=True, max_cells=40)  # lazy adapter, as the distiller's
+    student = torch.randn(3, 8, 20, 30)
+    student[1, :, :6, :9] = 0  # the pooled cells (0..2, 0..3) of sample 1 are zero: |s| is clamped there
+    student.requires_grad_()
+    teacher = torch.randn(3, 12, 9, 13)
+    teacher[0, :, 2, 3] = 0  # a zero teacher cell (as warp_bev leaves outside the map)
+    valid = (torch.rand(3, 1, 9, 13) > 0.2).float()
+    fg = torch.rand(3, 9, 13)
+    loss(student, teacher, valid, fg)  # sizes the lazy adapter (its init draws random numbers)
+    assert loss.adapter.weight.shape == (12, 8, 1, 1)
+    results = []
+    for forward in (loss.forward, loss._forward_autograd):
+        student.grad = None
+        loss.zero_grad()
+        torch.manual_seed(9)  # the same InfoNCE subsample
+        terms = forward(student, teacher, valid, fg)
+        (terms["feat"] + terms["nce"]).backward()
+        results.append((terms, student.grad.clone(), loss.adapter.weight.grad.clone(), loss.adapter.bias.grad.clone()))
+    (fast, *fast_grads), (ref, *ref_grads) = results
+    for key in ("feat", "nce"):
+        torch.testing.assert_close(fast[key], ref[key], rtol=1e-6, atol=1e-7)
+    for got, expected in zip(fast_grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("size", [(64, 64), (45, 45), (16, 16), (9, 13), (20, 30)])
+def test_separable_pooling_equals_adaptive_average_pooling(size):
+    from bevcache.spatial import pool_to
+
+    x = torch.randn(2, 3, 20, 30, requires_grad=True)
+    torch.testing.assert_close(pool_to(x, size), F.adaptive_avg_pool2d(x, size), rtol=1e-6, atol=1e-6)
+    g = torch.randn(2, 3, *size)
+    (grad,) = torch.autograd.grad(pool_to(x, size), x, g)
+    (expected,) = torch.autograd.grad(F.adaptive_avg_pool2d(x, size), x, g)
+    torch.testing.assert_close(grad, expected, rtol=1e-6, atol=1e-6)

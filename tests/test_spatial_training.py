@@ -1,8 +1,10 @@
 """Spatial distillation through plain `Runner.from_cfg` (configs/tiny_student_crd.py with
 `spatial=dict(...)`, `augmentation='warp'`, the teacher's augmented train pipeline and
 TeacherRowsDataset): the spatial losses are logged; under 2 loader workers each sample's cached
-map is warped by that sample's own augmentation; transforms a warp cannot express are refused
-unless `spatial.ignore_non_warpable=True`; a missing TeacherRowsDataset is refused with the fix."""
+map is warped by that sample's own augmentation, on the main process or prepared by the workers
+(`prepare`), and the prepared batch gives exactly the main process's targets and loss; transforms
+a warp cannot express are refused unless `spatial.ignore_non_warpable=True`; a missing
+TeacherRowsDataset is refused with the fix."""
 
 from __future__ import annotations
 
@@ -39,7 +41,8 @@ def _register() -> None:
 
 
 def spatial_config(data_root: Path, store: str, work_dir: Path, *, iters: int = 2, workers: int = 0,
-                   rows_wrapper: bool = True, extra_steps: tuple = (), **spatial) -> Config:
+                   rows_wrapper: bool = True, extra_steps: tuple = (), prepare: dict | None = None,
+                   **spatial) -> Config:
     """configs/tiny_student_crd.py distilling pts_neck maps with augmentation='warp' on the teacher's
     augmented train pipeline (plus `extra_steps` after its annotations), as a short run."""
     from bevcache.data import set_data_root
@@ -52,7 +55,7 @@ def spatial_config(data_root: Path, store: str, work_dir: Path, *, iters: int = 
     cfg = iteration_run(cfg, work_dir=work_dir, iters=iters, batch_size=2, workers=workers, seed=11)
     if rows_wrapper:
         cfg.train_dataloader.dataset = dict(type="TeacherRowsDataset", dataset=cfg.train_dataloader.dataset,
-                                            cache=store, spatial=["pts_neck"])
+                                            cache=store, spatial=["pts_neck"], prepare=prepare)
     return cfg
 
 
@@ -191,3 +194,101 @@ def test_two_workers_train_past_the_loaders_prefetch(data_root, spatial_store, t
     InfiniteSampler's index generator is renewed, so training runs past the first prefetch."""
     _, rec = train(spatial_config(data_root, spatial_store, tmp_path, iters=6, workers=2))
     assert len(rec.losses) == 6
+
+
+# ---------------------------------------------------------------------------------------------
+# Targets prepared by the loader workers
+
+
+BEV_RANGE = (-25.6, -25.6, 25.6, 25.6)  # the student's point_cloud_range in the BEV plane (the distiller's default)
+
+
+def main_process_targets(model, samples: list, store) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reference: the distiller's computation before the workers prepared anything, on the
+    batch: the cached float16 maps stacked and warped together, one foreground heatmap per sample."""
+    from bevcache.warp import gaussian_foreground
+
+    c = model.spatial_cfg
+    maps = torch.from_numpy(store.read_spatial("pts_neck", [int(s.metainfo["sample_idx"]) for s in samples])).float()
+    transforms = torch.as_tensor(np.stack([bev_transform(s.metainfo, model.augmentation_order) for s in samples]),
+                                 dtype=torch.float32)
+    warped, valid = warp_bev(maps, transforms, c["bev_range"])
+    fg = torch.stack([gaussian_foreground(s.gt_instances_3d.bboxes_3d, c["bev_range"], maps.shape[-2:],
+                                          min_radius=c["min_radius"], overlap=c["overlap"]) for s in samples])
+    return warped, valid, fg
+
+
+class LossWitness(Hook):
+    """Per step: the samples, the spatial loss's inputs and output, and a copy of the loss module
+    as it was (its adapter moves after the step)."""
+
+    def __init__(self):
+        self.steps: list[dict] = []
+
+    def before_train(self, runner) -> None:
+        import copy
+
+        def samples_in(module, args, kwargs):
+            if kwargs.get("mode") == "loss":
+                self.steps.append({"samples": kwargs["data_samples"]})
+
+        def loss_out(module, args, output):
+            self.steps[-1].update(args=[a if a is None else a.detach().clone() for a in args],
+                                  feat=output["feat"].detach().clone(), module=copy.deepcopy(module))
+
+        runner.model.register_forward_pre_hook(samples_in, with_kwargs=True)
+        runner.model.spatial_loss["pts_neck"].register_forward_hook(loss_out)
+
+
+def test_worker_prepared_batches_give_the_main_process_targets_and_loss(data_root, spatial_store, tmp_path):
+    witness = LossWitness()
+    runner, rec = train(spatial_config(data_root, spatial_store, tmp_path, workers=2,
+                                       prepare=dict(bev_range=BEV_RANGE, warp=True)), witness)
+    assert "computed on the main process" not in _log(runner)
+    store = open_store(spatial_store)
+    assert len(witness.steps) == 2
+    for step, losses in zip(witness.steps, rec.losses, strict=True):
+        student, teacher, valid, fg = step["args"]
+        ref_teacher, ref_valid, ref_fg = main_process_targets(runner.model, step["samples"], store)
+        assert torch.equal(teacher, ref_teacher) and torch.equal(valid, ref_valid) and torch.equal(fg, ref_fg)
+        assert ref_fg.amax((1, 2)).min() == 1 and ref_valid.mean() < 1  # boxes drawn; rotated maps lose corners
+        with torch.no_grad():  # the loss the main process computed from its own targets (autograd formulation)
+            reference = step["module"]._forward_autograd(student, ref_teacher, ref_valid, ref_fg)["feat"]
+        torch.testing.assert_close(step["feat"], reference, rtol=1e-6, atol=0)
+        assert losses["loss_spatial_pts_neck"] == pytest.approx(float(reference), rel=1e-6)
+
+
+class PrepareRows(Hook):
+    """What DistillationHook would add: once the data is checked (the warp's order is known), hand
+    the distiller's settings to TeacherRowsDataset. Registered after it; no loader workers here, so
+    nothing to restart."""
+
+    def before_train(self, runner) -> None:
+        from bevcache.loading import find_rows_dataset
+
+        rows = find_rows_dataset(runner.train_dataloader.dataset)
+        rows.prepare_spatial(runner.model.spatial_loader_settings())
+
+
+def test_prepared_and_main_process_runs_have_the_same_losses(data_root, spatial_store, tmp_path):
+    main_runner, main = train(spatial_config(data_root, spatial_store, tmp_path / "main", iters=3, contrastive=True,
+                                             rows_wrapper=False))
+    assert "computed on the main process" in _log(main_runner)
+    prepared_runner, prepared = train(spatial_config(data_root, spatial_store, tmp_path / "prepared", iters=3,
+                                                     contrastive=True, rows_wrapper=False), PrepareRows())
+    assert "computed on the main process" not in _log(prepared_runner)
+    assert prepared_runner.train_dataloader.dataset.prepare.order == prepared_runner.model.augmentation_order
+    assert len(main.losses) == len(prepared.losses) == 3
+    for a, b in zip(main.losses, prepared.losses, strict=True):
+        assert set(a) == set(b) and "loss_spatial_nce_pts_neck" in a
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), key
+
+
+def test_maps_prepared_with_other_settings_are_refused(data_root, spatial_store, tmp_path):
+    other = (-20.0, -25.6, 25.6, 25.6)
+    runner = Runner.from_cfg(spatial_config(data_root, spatial_store, tmp_path, iters=1,
+                                            prepare=dict(bev_range=other, warp=True)))
+    with pytest.raises(ConfigError, match=r"the loader prepared the teacher maps with settings \(\(-20\.0, .*but this "
+                                          r"distiller's are \(\(-25\.6, "):
+        runner.train()
