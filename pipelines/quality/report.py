@@ -26,9 +26,10 @@ def provenance(records: list[dict]) -> tuple[list[str], bool]:
     dirty = []
     for r in records:
         g = r.get("git") or {"short": "unrecorded", "clean": False}
-        commits.setdefault(g["short"], []).append(r.get("what", "?"))
+        what = r.get("what") or r.get("store") or "?"
+        commits.setdefault(g["short"], []).append(what)
         if not g["clean"]:
-            dirty.append(r.get("what", "?"))
+            dirty.append(what)
     clean = len(commits) == 1 and not dirty and "unrecorded" not in commits
     if clean:
         return [f"Every step ran at commit `{next(iter(commits))}` on a clean tree."], True
@@ -68,11 +69,11 @@ def teacher_section(args: argparse.Namespace, key: str, t: dict, runs: dict[str,
     for kind, a in agg.items():
         label = KIND_LABELS[kind] + (f" (mirrors {mirror})" if kind == "online" and mirror else "")
         rise = curve_rise(a)
-        flag = "" if math.isnan(rise) else (" (plateau)" if rise < PLATEAU else " **(still rising)**")
+        rise_text = "-" if math.isnan(rise) else f"{rise:+.4f}" + (" (plateau)" if rise < PLATEAU else " **(still rising)**")
         md.append(f"| {label} | {a['n']} | {fmt_ms(a['mAP'])} | {fmt_ms(a['NDS'])} | "
                   f"{fmt_ms(a['class_ap'].get('bicycle', (math.nan, math.nan)))} | "
                   f"{fmt_ms(a['class_ap'].get('motorcycle', (math.nan, math.nan)))} | "
-                  f"{rise:+.4f}{flag} | {fmt_ms(a['train_seconds_per_epoch'], 0)} | {fmt_ms(a['wall_seconds'], 0)} s |")
+                  f"{rise_text} | {fmt_ms(a['train_seconds_per_epoch'], 0)} | {fmt_ms(a['wall_seconds'], 0)} s |")
     if srec:
         md += ["", f"Store: {srec['views']} augmented views + the sample, pooled 512-d and {srec['spatial_grid']}x"
                    f"{srec['spatial_grid']} maps, extracted once in {srec['seconds']:.0f} s "

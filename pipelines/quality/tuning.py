@@ -101,7 +101,7 @@ def finished(args: argparse.Namespace) -> dict[str, list[dict]]:
         for stage in stages(args, results):
             for settings in stage:
                 name = point_name(settings)
-                results[name] = [r for s in range(args.tune_seeds)
+                results[name] = [{**r, "seed": s} for s in range(args.tune_seeds)
                                  if (r := finished_run(tune_dir(args) / "runs" / f"{name}-seed{s}",
                                                        point_sig(args, settings, s)))]
     return results
@@ -169,20 +169,20 @@ def write_doc(args: argparse.Namespace, summary: dict, results: dict[str, list[d
           "the MSE is 2 x (1 - cos), i.e. the same loss at twice the weight.", "",
           "Score = mean held-out mAP over the last 3 validations. Stages: A loss weight, B foreground "
           "weighting at A's winner.", "",
-          "| point | weight | fg / bg weight | contrastive | seeds | held-out mAP (last 3, mean) | final mAP | "
-          "vs plain |", "|---|---|---|---|---|---|---|---|"]
+          "| point | weight | fg / bg weight | seeds | held-out mAP (last 3, mean) | final mAP | vs plain |",
+          "|---|---|---|---|---|---|---|"]
     for name, rs in results.items():
         if not rs:
             continue
         s = statistics.fmean(score(r) for r in rs)
         final = statistics.fmean(r["final"]["mAP"] for r in rs)
         if name == "plain":
-            md.append(f"| plain augmented (reference) | - | - | - | {len(rs)} | {s:.4f} | {final:.4f} | - |")
+            md.append(f"| plain augmented (reference) | - | - | {len(rs)} | {s:.4f} | {final:.4f} | - |")
             continue
         p = next(p for stage in stages(args, results) for p in stage if p is not None and point_name(p) == name)
         mark = " **(chosen)**" if chosen is not None and point_name(chosen) == name else ""
         md.append(f"| {name}{mark} | {p['weight']:g} | {p['fg_weight']:g} / {p['bg_weight']:g} | "
-                  f"{'yes' if p['contrastive'] else 'no'} | {len(rs)} | {s:.4f} | {final:.4f} | {s - ref:+.4f} |")
+                  f"{len(rs)} | {s:.4f} | {final:.4f} | {s - ref:+.4f} |")
     md += ["", ("Chosen: `spatial=" + json.dumps(chosen) + "`; the matrix's spatial variants use it."
                 if chosen else "**Not finished**: the matrix's spatial runs wait for it."), "",
            f"With one seed per point the differences between points are as noisy as one run (seed std of a "
