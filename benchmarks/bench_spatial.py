@@ -21,12 +21,23 @@ Three parts, each measured side by side in this run:
    *iteration* (after_train_iter to after_train_iter: includes waiting for the loader, which reads
    and decodes the maps on the same 2 cores) and the *step* (train_step only). Peak RSS of the main
    process and of the largest loader worker (VmHWM).
-4. **Components**: the spatial pieces of one distilled step alone (warp_bev, gaussian_foreground,
-   SpatialDistillLoss forward + backward) at grids 45 and 90, to say where (3)'s extra time goes.
+   Variants of the distilled step: `local` (the loader workers read, warp and weigh each sample's
+   map: TeacherRowsDataset(prepare=...)), `memory` (the same with every map already in memory, read
+   once before the workers fork: what remains without the store's I/O), `main` (maps read by the
+   workers, warped and weighed on the main process inside the step: the path before the workers
+   prepared them), `s3`, `local90`. The ratios that matter: local/memory (the I/O's share) and
+   local/plain, side by side in one run.
+4. **Components**: where a distilled step's time goes. Per sample in a loader worker, on the training
+   store: the student's own pipeline, the store read (read + decode + checksum), the Blosc decode and
+   the CRC32C alone (and other codecs' decode time and size on the same maps), the warp, the
+   foreground heatmap. Per batch on the main process: stacking the prepared fields, the loss forward
+   + backward (the current formulation and the plain-autograd one it replaced), and the warp +
+   foreground the main process used to do; at grids 45 and 90.
 
     .venv/bin/python benchmarks/bench_spatial.py                 # alone on the machine
     .venv/bin/python benchmarks/bench_spatial.py --quick         # smoke test
     .venv/bin/python benchmarks/bench_spatial.py --parts store   # one part (store, train, components)
+    .venv/bin/python benchmarks/bench_spatial.py --parts train,components --variants plain,local,memory,main
 """
 
 from __future__ import annotations
@@ -61,9 +72,11 @@ from common import (
 NAME = "spatial"
 LAYER = "pts_neck"
 DATASETS = {"nuScenes (28,130 train samples)": 28130, "Waymo (158,081 train frames)": 158081}
-VARIANTS = ("plain", "local", "s3")
-LABELS = {"plain": "(a) plain student", "local": "(b) CRD + spatial maps, local disk",
-          "s3": "(c) CRD + spatial maps, S3 (moto, 127.0.0.1)", "local90": "(d) CRD + spatial maps at 90, local disk"}
+VARIANTS = ("plain", "local", "memory", "main", "s3")
+LABELS = {"plain": "(a) plain student", "local": "(b) CRD + spatial maps, local disk, prepared by the workers",
+          "memory": "(c) as (b), maps already in memory (no store reads)",
+          "main": "(d) as (b), warp + foreground on the main process",
+          "s3": "(e) CRD + spatial maps, S3 (moto, 127.0.0.1)", "local90": "(f) CRD + spatial maps at 90, local disk"}
 WIDE_HALF = 36.8  # m: a 73.6 m square at 0.4 m pillars = 184 pillars (SECOND needs a multiple of 8), neck 92 x 92
 
 
@@ -197,8 +210,30 @@ def _worker_peaks_kib() -> list[int]:
     return peaks
 
 
+def register_in_memory_rows() -> str:
+    """A TeacherRowsDataset whose maps are all read once at build time, in the main process, before
+    the workers fork (they share them): the distilled step without the store's reads."""
+    from mmdet3d.registry import DATASETS
+
+    from bevcache.loading import TeacherRowsDataset
+
+    class InMemoryRowsDataset(TeacherRowsDataset):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            store = self._opened()
+            self.maps = {layer: store.read_spatial(layer, range(store.num_samples)) for layer in self.spatial}
+            self._store = None  # (a worker reopens it only for pooled rows, which this run has none of)
+
+        def read_map(self, layer, row, view=0):
+            return self.maps[layer][row]
+
+    DATASETS.register_module(name="BenchInMemoryRowsDataset", module=InMemoryRowsDataset, force=True)
+    return "BenchInMemoryRowsDataset"
+
+
 def child(args) -> None:
     t_start = time.perf_counter()
+    load_start = list(os.getloadavg())
     import torch
     from mmengine.config import Config
     from mmengine.hooks import Hook
@@ -222,8 +257,13 @@ def child(args) -> None:
     cfg.default_hooks.logger = dict(type="LoggerHook", interval=10)
     cfg.log_processor = dict(type="LogProcessor", window_size=10, by_epoch=False)
     if spatial:
-        cfg.train_dataloader.dataset = dict(type="TeacherRowsDataset", dataset=cfg.train_dataloader.dataset,
-                                            cache=args.store, spatial=[LAYER])
+        pcr = cfg.point_cloud_range
+        prepare = None if args.child == "main" else dict(bev_range=(pcr[0], pcr[1], pcr[3], pcr[4]), warp=True)
+        kind = "TeacherRowsDataset"
+        if args.child == "memory":
+            kind = register_in_memory_rows()
+        cfg.train_dataloader.dataset = dict(type=kind, dataset=cfg.train_dataloader.dataset, cache=args.store,
+                                            spatial=[LAYER], prepare=prepare)
 
     class Clock:
         def __init__(self):
@@ -269,6 +309,7 @@ def child(args) -> None:
     worker_kib = max([clock.worker_kib, *_worker_peaks_kib()])
     result = {
         "variant": args.child,
+        "loadavg": [load_start, list(os.getloadavg())],
         "step_seconds": clock.steps[args.warmup:],
         "iteration_seconds": clock.iterations[args.warmup:],  # iteration i ends at after_train_iter i
         "setup_seconds": (clock.first or time.perf_counter()) - t_start,
@@ -315,26 +356,34 @@ class S3Server:
             os.environ.pop(key, None)
 
 
-def part_train(args, work: Path, mach: dict) -> dict:
+def training_stores(args, work: Path, grids: set[int]) -> tuple[Path, dict[int, Path], str]:
+    """(data root, {grid: store}, teacher description) of the training runs, extracted once and reused."""
     from bevcache.extract import ExtractOptions, extract
     from bevcache.store import open_store, store_exists
 
     data = synth_data(work, args.train_samples, max(2, args.train_samples // 8))
     ckpt, weights = teacher_weights(Path(args.work), args.quick, args.teacher_epochs)
     stores = {}
-    for g in sorted({args.train_grid, 90} if "local90" in args.variants else {args.train_grid}):
+    for g in sorted(grids):
         out = work / "spatial" / f"train-store-{data.name}-g{g}-{'trained' if 'trained' in weights else 'random'}.zarr"
         if not (store_exists(str(out)) and open_store(str(out)).complete_mask().all()):
             print(f"[bench] extracting the training store pts_neck={g} -> {out}", flush=True)
             extract(ExtractOptions(config=str(TEACHER_CFG), checkpoint=str(ckpt), out=str(out), data_root=str(data),
                                    spatial=f"{LAYER}={g}", num_workers=0, overwrite=True, progress=False))
         stores[g] = out
+    return data, stores, weights
+
+
+def part_train(args, work: Path, mach: dict) -> dict:
+    data, stores, weights = training_stores(args, work, {args.train_grid, 90} if "local90" in args.variants
+                                            else {args.train_grid})
     runs: dict[str, list[dict]] = {v: [] for v in args.variants}
     common = ["--work", str(work), "--data-root", str(data), "--batch-size", str(args.batch_size), "--workers",
               str(args.workers), "--warmup", str(args.warmup), "--iters", str(args.iters), "--seed", str(args.seed)]
     with S3Server() as s3:
         url = s3.upload(stores[args.train_grid], f"train-g{args.train_grid}.zarr") if "s3" in args.variants else None
-        where = {"plain": stores[args.train_grid], "local": stores[args.train_grid], "s3": url, "local90": stores.get(90)}
+        local = stores[args.train_grid]
+        where = {"plain": local, "local": local, "memory": local, "main": local, "s3": url, "local90": stores.get(90)}
         for rep in range(args.reps):
             order = args.variants[rep % len(args.variants):] + args.variants[:rep % len(args.variants)]
             for variant in order:
@@ -355,17 +404,24 @@ def part_train(args, work: Path, mach: dict) -> dict:
             "step": stats([t for r in runs[v] for t in r["step_seconds"]]),
             "per_rep_iteration": [statistics.median(r["iteration_seconds"]) for r in runs[v]],
             "per_rep_step": [statistics.median(r["step_seconds"]) for r in runs[v]],
+            # the loader's share: how long each iteration waited for its batch beyond train_step
+            "data_wait": stats([max(0.0, it - st) for r in runs[v]
+                                for it, st in zip(r["iteration_seconds"], r["step_seconds"][1:], strict=False)]),
+            "loadavg": [r.get("loadavg") for r in runs[v]],
             "peak_rss_mib": max(r["peak_rss_mib"] for r in runs[v]),
             "worker_peak_rss_mib": max(r["worker_peak_rss_mib"] for r in runs[v]),
             "setup": stats([r["setup_seconds"] for r in runs[v]]),
         }
 
-    def ratio(a: str, clock: str) -> dict:
-        per = [x / y for x, y in zip(summary[a][f"per_rep_{clock}"], summary["plain"][f"per_rep_{clock}"], strict=True)]
-        return {"of_medians": summary[a][clock]["median"] / summary["plain"][clock]["median"], "per_rep": per,
+    def ratio(a: str, clock: str, b: str = "plain") -> dict:
+        per = [x / y for x, y in zip(summary[a][f"per_rep_{clock}"], summary[b][f"per_rep_{clock}"], strict=True)]
+        return {"of_medians": summary[a][clock]["median"] / summary[b][clock]["median"], "per_rep": per,
                 "min": min(per), "max": max(per)}
 
     ratios = {f"{v}/plain": {c: ratio(v, c) for c in ("iteration", "step")} for v in args.variants if v != "plain"}
+    for a, b in (("local", "memory"), ("main", "local")):
+        if a in args.variants and b in args.variants:
+            ratios[f"{a}/{b}"] = {c: ratio(a, c, b) for c in ("iteration", "step")}
     dev = mach["cuda"]["device"] if mach["cuda"] else f"CPU {mach['cpu_model']} ({mach['torch_threads']} threads)"
     print(f"\n### Training step with spatial maps read by {args.workers} loader workers vs the plain student, tiny student, "
           f"batch {args.batch_size}, {args.train_samples} samples, maps 512 x {args.train_grid} x {args.train_grid} float16, "
@@ -375,16 +431,19 @@ def part_train(args, work: Path, mach: dict) -> dict:
         s = summary[v]
         rel_it = f"{s['iteration']['median'] / summary['plain']['iteration']['median']:.3f}"
         rel_st = f"{s['step']['median'] / summary['plain']['step']['median']:.3f}"
-        rows.append([LABELS[v], fmt_stat(s["iteration"]), rel_it, fmt_stat(s["step"]), rel_st, f"{s['peak_rss_mib']:.0f}",
-                     f"{s['worker_peak_rss_mib']:.0f}"])
+        rows.append([LABELS[v], fmt_stat(s["iteration"]), rel_it, fmt_stat(s["step"]), rel_st,
+                     fmt_time(s["data_wait"]["median"]), f"{s['peak_rss_mib']:.0f}", f"{s['worker_peak_rss_mib']:.0f}"])
     print(table(["variant", "iteration median (IQR)", "vs plain", "train_step median (IQR)", "vs plain",
-                 "peak RSS MiB (main)", "peak RSS MiB (worker)"], rows))
+                 "waits for data (median)", "peak RSS MiB (main)", "peak RSS MiB (worker)"], rows))
     print()
+    goals = {"local/memory": 1.05, "local/plain": 1.10}
     for key, r in ratios.items():
         it = r["iteration"]
+        goal = goals.get(key)
+        verdict = "" if goal is None else f" (goal <= {goal}: " + ("met" if it["of_medians"] <= goal else "NOT met") + \
+            ", by the iteration clock)"
         print(f"- {key}: iteration {it['of_medians']:.3f} (per repetition {it['min']:.3f}..{it['max']:.3f}), "
-              f"train_step {r['step']['of_medians']:.3f} (target <= 1.05: "
-              + ("met" if it["of_medians"] <= 1.05 else "NOT met") + ", by the iteration clock)")
+              f"train_step {r['step']['of_medians']:.3f}{verdict}")
     print(f"- distilled variants: cached CRD (pts_neck) + spatial MSE with the warp; teacher {weights}; the S3 server "
           "runs in the benchmark's process on the same CPU.")
     return {"train_samples": args.train_samples, "grid": args.train_grid, "teacher": weights, "variants": summary,
@@ -395,8 +454,79 @@ def part_train(args, work: Path, mach: dict) -> dict:
 # Part 4: where the distilled step's extra time goes
 
 
-def part_components(args, mach: dict) -> dict:
-    """The spatial pieces of one distilled step, alone, at the training batch size."""
+def _codecs() -> dict:
+    """Blosc settings to compare on the same maps; the store's own is the first."""
+    from numcodecs import Blosc
+
+    return {"zstd 5, bitshuffle (the store's)": Blosc(cname="zstd", clevel=5, shuffle=Blosc.BITSHUFFLE),
+            "zstd 1, bitshuffle": Blosc(cname="zstd", clevel=1, shuffle=Blosc.BITSHUFFLE),
+            "lz4 5, bitshuffle": Blosc(cname="lz4", clevel=5, shuffle=Blosc.BITSHUFFLE),
+            "lz4 5, byte shuffle": Blosc(cname="lz4", clevel=5, shuffle=Blosc.SHUFFLE),
+            "none (raw float16)": None}
+
+
+def loader_pieces(args, work: Path) -> dict:
+    """Per sample, in this process as a loader worker does it, on the training store (grid
+    args.train_grid): what a worker adds to the student's own pipeline."""
+    import numpy as np
+    import torch
+    from crc32c import crc32c
+    from mmengine.config import Config
+
+    from bevcache.data import build_base_dataset, set_data_root
+    from bevcache.loading import SpatialPrep, TeacherRowsDataset, prepare_maps
+    from bevcache.warp import augmentation_order, bev_transform, gaussian_foreground, warp_bev
+
+    data, stores, _ = training_stores(args, work, {args.train_grid})
+    cfg = Config.fromfile(str(REPO / "configs" / "tiny_student_crd.py"))
+    set_data_root(cfg, str(data))
+    base = build_base_dataset(cfg, "train", pipeline=[dict(s) for s in cfg.augmented_train_pipeline])
+    pcr = cfg.point_cloud_range
+    prep = SpatialPrep(bev_range=(pcr[0], pcr[1], pcr[3], pcr[4]), warp=True,
+                       order=augmentation_order([type(t).__name__ for t in base.pipeline.transforms]))
+    rows = TeacherRowsDataset(base, str(stores[args.train_grid]), spatial=[LAYER])
+    n = min(len(base), 6 if args.quick else 24)
+    times: dict[str, list[float]] = {}
+
+    def clock(name: str, fn):
+        t0 = time.perf_counter()
+        out = fn()
+        times.setdefault(name, []).append(time.perf_counter() - t0)
+        return out
+
+    codecs = _codecs()
+    sizes: dict[str, list[int]] = {name: [] for name in codecs}
+    rows.read_map(LAYER, 0)  # opens the store (once per worker)
+    for i in range(n):
+        packed = clock("student pipeline (points, augmentation, packing)", lambda i=i: base[i])
+        sample = packed["data_samples"]
+        row = int(sample.metainfo["sample_idx"])
+        value = clock("store read (read + decode + CRC32C)", lambda row=row: rows.read_map(LAYER, row))
+        raw = value.tobytes()
+        for name, codec in codecs.items():
+            encoded = raw if codec is None else codec.encode(raw)
+            sizes[name].append(len(encoded))
+            clock(f"decode: {name}", (lambda e=encoded: bytes(e)) if codec is None else (lambda c=codec, e=encoded: c.decode(e)))
+        encoded = codecs["zstd 5, bitshuffle (the store's)"].encode(raw)
+        clock("CRC32C of the stored chunk", lambda e=encoded: crc32c(e))
+        transform = torch.as_tensor(bev_transform(sample.metainfo, prep.order)[None], dtype=torch.float32)
+        teacher = torch.from_numpy(value)[None]
+        clock("warp (bev_transform + warp_bev)", lambda t=teacher, a=transform: warp_bev(t.float(), a, prep.bev_range))
+        clock("foreground heatmap", lambda s=sample, hw=value.shape[-2:]: gaussian_foreground(
+            s.gt_instances_3d.bboxes_3d, prep.bev_range, hw, min_radius=prep.min_radius, overlap=prep.overlap))
+        clock("prepare_maps (warp + foreground + fields)", lambda s=sample, v=value: prepare_maps(s, {LAYER: v}, prep))
+    out = {name: stats(ts) for name, ts in times.items()}
+    codec_sizes = {name: float(np.median(s)) for name, s in sizes.items()}
+    print(f"\n### Per sample in a loader worker, training store {args.train_grid} x {args.train_grid} x 512 float16, "
+          f"{n} samples, median\n")
+    print(table(["piece", "median", "IQR"], [[k, fmt_time(v["median"]), fmt_time(v["iqr"])] for k, v in out.items()]))
+    print("\n" + table(["codec (same maps)", "bytes / map", "decode median"],
+                       [[name, fmt_bytes(codec_sizes[name]), fmt_time(out[f"decode: {name}"]["median"])] for name in codecs]))
+    return {"samples": n, "pieces": out, "codec_bytes_per_map": codec_sizes}
+
+
+def part_components(args, work: Path, mach: dict) -> dict:
+    """The spatial pieces of one distilled step alone, at the training batch size, and per sample in a worker."""
     import numpy as np
     import torch
     from common import time_repeated
@@ -419,26 +549,41 @@ def part_components(args, mach: dict) -> dict:
         warped, valid = warp_bev(teacher.float(), rotation, rng)
         fg = torch.stack([gaussian_foreground(boxes, rng, (g, g)) for _ in range(b)])
         loss = SpatialDistillLoss(256, 512)
+        fields = [(warped[i].clone(), valid[i].clone(), fg[i].clone()) for i in range(b)]  # as the workers send them
 
-        def loss_step():
-            student.grad = None
-            loss(student, warped, valid, fg)["feat"].backward()
+        def step(forward):
+            def run():
+                student.grad = None
+                loss.zero_grad()
+                forward(student, warped, valid, fg)["feat"].backward()
+            return run
 
         return {
-            "warp_bev, rotation (bilinear)": lambda: warp_bev(teacher.float(), rotation, rng),
-            "warp_bev, flip (index copy)": lambda: warp_bev(teacher.float(), flip, rng),
-            "gaussian_foreground x batch": lambda: [gaussian_foreground(boxes, rng, (g, g)) for _ in range(b)],
-            "SpatialDistillLoss fwd + bwd": loss_step,
+            "main: stack the prepared maps, valid masks, heatmaps": lambda: [torch.stack(list(x)) for x in zip(*fields, strict=True)],
+            "main: SpatialDistillLoss fwd + bwd": step(loss.forward),
+            "main: the same, autograd formulation (before)": step(loss._forward_autograd),
+            "(before) main: warp_bev, rotation (bilinear)": lambda: warp_bev(teacher.float(), rotation, rng),
+            "(before) main: warp_bev, flip (index copy)": lambda: warp_bev(teacher.float(), flip, rng),
+            "(before) main: gaussian_foreground x batch": lambda: [gaussian_foreground(boxes, rng, (g, g)) for _ in range(b)],
         }
 
-    out = {str(g): {name: stats(time_repeated(fn, warmup=2, repeats=reps)) for name, fn in pieces(g).items()}
-           for g in args.grids}
-    print(f"\n### Spatial pieces of one distilled step alone, batch {args.batch_size}, student 256 x 64 x 64 -> "
-          f"teacher 512 x g x g, {reps} repetitions, median\n")
-    names = list(out[str(args.grids[0])])
+    batch = {}
+    for g in args.grids:
+        fns = pieces(g)
+        names = list(fns)
+        times: dict[str, list[float]] = {n: [] for n in names}
+        for name in names:  # warm-up
+            time_repeated(fns[name], warmup=1, repeats=1)
+        for rep in range(reps):  # interleaved, so contention drifts alike over all pieces
+            for name in names if rep % 2 == 0 else reversed(names):
+                times[name] += time_repeated(fns[name], warmup=0, repeats=1)
+        batch[str(g)] = {name: stats(ts) for name, ts in times.items()}
+    print(f"\n### Spatial pieces on the main process, batch {args.batch_size}, student 256 x 64 x 64 -> "
+          f"teacher 512 x g x g, {reps} interleaved repetitions, median\n")
+    names = list(batch[str(args.grids[0])])
     print(table(["piece", *[f"grid {g}" for g in args.grids]],
-                [[n, *[fmt_time(out[str(g)][n]["median"]) for g in args.grids]] for n in names]))
-    return out
+                [[n, *[fmt_time(batch[str(g)][n]["median"]) for g in args.grids]] for n in names]))
+    return {"batch": batch, "loader": loader_pieces(args, work)}
 
 
 def main() -> None:
@@ -485,7 +630,7 @@ def main() -> None:
     if "train" in parts:
         result["train"] = part_train(args, work, mach)
     if "components" in parts:
-        result["components"] = part_components(args, mach)
+        result["components"] = part_components(args, work, mach)
     args.work = rel(args.work)
     path = write_result(NAME, args, result, mach)
     if str(REPO) in path.read_text():
