@@ -7,8 +7,11 @@ export OMP_NUM_THREADS ?= 2
 setup:
 	@bash scripts/setup.sh
 
+# Two pytest-xdist workers (one intra-op thread each, tests/conftest.py), a whole test file per
+# worker so module fixtures are built once; TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) tests
 
 demo: setup
 	$(PY) pipelines/demo.py

@@ -3,7 +3,8 @@
 - `DistillationHook` (required by CRDDistiller): at before_train, adds the dataset wrappers the
   distiller reads through (replay views, teacher rows per sample) where the config has none and
   rebuilds the train loader around them, then checks the training data against the distiller
-  (bevcache.wiring); with augmentation replay, it tells the replay wrapper the epoch before each
+  (bevcache.wiring) and hands the per-sample spatial work to the loader workers; with
+  augmentation replay, it tells the replay wrapper the epoch before each
   one so every epoch draws fresh views. Any entry point that builds a Runner gets all of it.
 - `StudentExportHook`: at the end of training, rank 0 writes the plain student's weights
   (`student_weights.pth` in the work dir), loadable by the student config without bevcache.
@@ -76,7 +77,7 @@ class DistillationHook(Hook):
         if not hasattr(model, "attach_train_data"):
             raise ConfigError(f"DistillationHook needs a CRDDistiller model; this config's model is "
                               f"{type(model).__name__}. Remove the hook or set model=dict(type='CRDDistiller', ...).")
-        from .wiring import add_wrappers, base_pipeline_cfg
+        from .wiring import add_wrappers, base_pipeline_cfg, prepare_maps_in_workers
 
         pipeline_cfg = base_pipeline_cfg(runner.cfg.get("train_dataloader", {}).get("dataset"))
         dataset = runner.train_dataloader.dataset
@@ -84,6 +85,7 @@ class DistillationHook(Hook):
         if wrapped is not dataset:
             rebuild_train_loader(runner, wrapped)
         model.attach_train_data(runner.train_dataloader.dataset, pipeline_cfg)
+        prepare_maps_in_workers(model, runner.train_dataloader.dataset)
         if not isinstance(runner.train_loop, EpochBasedTrainLoop):
             self._iters_per_pass = max(len(runner.train_dataloader), 1)
             restart_loader_workers(runner.train_loop)

@@ -12,7 +12,8 @@ worker starts, so mmdet3d's `tools/train.py`, `Runner.from_cfg` and `bevcache tr
 
 `add_wrappers` puts the dataset wrappers a distiller reads through (ReplayViewsDataset for replay,
 TeacherRowsDataset for rows read per sample) around the built train dataset where the config did
-not, so a plain config needs none of them.
+not, so a plain config needs none of them; `prepare_maps_in_workers` then hands the per-sample
+spatial work (warp, foreground heatmap) to the loader workers.
 """
 
 from __future__ import annotations
@@ -115,6 +116,18 @@ def add_wrappers(distiller: Any, dataset: Any, pipeline_cfg: list, seed: int | N
     if (spatial or pooled) and find_rows_dataset(top) is None:
         top = TeacherRowsDataset(top, cache=distiller.cache, spatial=spatial, pooled=pooled)
     return top
+
+
+def prepare_maps_in_workers(distiller: Any, dataset: Any) -> None:
+    """Have TeacherRowsDataset's loader workers warp and weigh each sample's spatial maps with the
+    distiller's settings (the main process then only stacks them), unless the config chose settings
+    itself (the distiller refuses settings other than its own). Call it after `attach_train_data`,
+    which fixes the warp's augmentation order, and before the loader's workers start."""
+    from .loading import find_rows_dataset
+
+    rows = find_rows_dataset(dataset)
+    if rows is not None and rows.spatial and rows.prepare is None and distiller.spatial_cfg and distiller.cache:
+        rows.prepare_spatial(distiller.spatial_loader_settings())
 
 
 def _check_rows_wrapper(distiller: Any, dataset: Any) -> None:

@@ -175,6 +175,7 @@ def test_without_teacher_rows_dataset_the_hook_adds_it_with_the_same_losses(data
     plain_runner, plain = train(spatial_config(data_root, spatial_store, tmp_path / "plain", rows_wrapper=False))
     rows = plain_runner.train_dataloader.dataset
     assert isinstance(rows, TeacherRowsDataset) and rows.spatial == ["pts_neck"] and rows.cache == spatial_store
+    assert rows.prepare is not None and rows.prepare.warp  # the workers warp and weigh the maps
     assert [r["loss_spatial_pts_neck"] for r in plain.losses] == pytest.approx(
         [r["loss_spatial_pts_neck"] for r in wrapped.losses], rel=1e-6)
 
