@@ -211,20 +211,19 @@ def _worker_peaks_kib() -> list[int]:
 
 
 def register_in_memory_rows() -> str:
-    """A TeacherRowsDataset whose maps are all read once at build time, in the main process, before
-    the workers fork (they share them): the distilled step without the store's reads."""
+    """A TeacherRowsDataset whose worker reads every map once, at its first sample: then the distilled
+    step without the store's reads."""
     from mmdet3d.registry import DATASETS
 
     from bevcache.loading import TeacherRowsDataset
 
     class InMemoryRowsDataset(TeacherRowsDataset):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            store = self._opened()
-            self.maps = {layer: store.read_spatial(layer, range(store.num_samples)) for layer in self.spatial}
-            self._store = None  # (a worker reopens it only for pooled rows, which this run has none of)
+        maps: dict | None = None
 
         def read_map(self, layer, row, view=0):
+            if self.maps is None:  # each worker reads every map once, at its first sample (in the warm-up)
+                store = self._opened()
+                self.maps = {name: store.read_spatial(name, range(store.num_samples)) for name in self.spatial}
             return self.maps[layer][row]
 
     DATASETS.register_module(name="BenchInMemoryRowsDataset", module=InMemoryRowsDataset, force=True)
@@ -475,9 +474,11 @@ def loader_pieces(args, work: Path) -> dict:
 
     from bevcache.data import build_base_dataset, set_data_root
     from bevcache.loading import SpatialPrep, TeacherRowsDataset, prepare_maps
+    from bevcache.runtime import setup_runtime
     from bevcache.warp import augmentation_order, bev_transform, gaussian_foreground, warp_bev
 
     data, stores, _ = training_stores(args, work, {args.train_grid})
+    setup_runtime()  # mmdet3d's registries as the default scope (extraction sets it only when it runs)
     cfg = Config.fromfile(str(REPO / "configs" / "tiny_student_crd.py"))
     set_data_root(cfg, str(data))
     base = build_base_dataset(cfg, "train", pipeline=[dict(s) for s in cfg.augmented_train_pipeline])
