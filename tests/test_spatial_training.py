@@ -260,23 +260,26 @@ def test_worker_prepared_batches_give_the_main_process_targets_and_loss(data_roo
 
 
 class PrepareRows(Hook):
-    """What DistillationHook would add: once the data is checked (the warp's order is known), hand
-    the distiller's settings to TeacherRowsDataset. Registered after it; no loader workers here, so
-    nothing to restart."""
+    """Once DistillationHook has checked the data (the warp's order is known), hand the distiller's
+    settings to TeacherRowsDataset (prepare=True), or take any away (False). Registered after it;
+    no loader workers here, so nothing to restart."""
+
+    def __init__(self, prepare: bool):
+        self.prepare = prepare
 
     def before_train(self, runner) -> None:
         from bevcache.loading import find_rows_dataset
 
         rows = find_rows_dataset(runner.train_dataloader.dataset)
-        rows.prepare_spatial(runner.model.spatial_loader_settings())
+        rows.prepare_spatial(runner.model.spatial_loader_settings() if self.prepare else None)
 
 
 def test_prepared_and_main_process_runs_have_the_same_losses(data_root, spatial_store, tmp_path):
     main_runner, main = train(spatial_config(data_root, spatial_store, tmp_path / "main", iters=3, contrastive=True,
-                                             rows_wrapper=False))
+                                             rows_wrapper=False), PrepareRows(False))
     assert "computed on the main process" in _log(main_runner)
     prepared_runner, prepared = train(spatial_config(data_root, spatial_store, tmp_path / "prepared", iters=3,
-                                                     contrastive=True, rows_wrapper=False), PrepareRows())
+                                                     contrastive=True, rows_wrapper=False), PrepareRows(True))
     assert "computed on the main process" not in _log(prepared_runner)
     assert prepared_runner.train_dataloader.dataset.prepare.order == prepared_runner.model.augmentation_order
     assert len(main.losses) == len(prepared.losses) == 3
