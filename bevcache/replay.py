@@ -169,11 +169,14 @@ class ReplayViewsDataset:
     """
 
     def __init__(self, dataset: dict | Any, num_views: int | None = None, fingerprint: str | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, pipeline_cfg: list | None = None) -> None:
         if num_views is not None and int(num_views) < 1:
             raise ConfigError(f"ReplayViewsDataset needs num_views >= 1. Got {num_views}.")
-        # The pipeline as configured, before building can add keys to it (ObjectSample's db_sampler).
-        self.pipeline_cfg = copy.deepcopy(list(dataset.get("pipeline") or [])) if isinstance(dataset, dict) else None
+        # The pipeline as configured, before building can add keys to it (ObjectSample's db_sampler);
+        # a built dataset comes with its config's pipeline (`pipeline_cfg`), or none to compare.
+        if isinstance(dataset, dict):
+            pipeline_cfg = dataset.get("pipeline") or []
+        self.pipeline_cfg = None if pipeline_cfg is None else copy.deepcopy(list(pipeline_cfg))
         self.dataset = DATASETS.build(dataset) if isinstance(dataset, dict) else dataset
         self.num_views = None if num_views is None else int(num_views)  # None: the distiller binds the store's K
         if fingerprint is None:  # the views' seeds derive from the ordered tokens, as in extraction

@@ -18,7 +18,6 @@ spatial work (warp, foreground heatmap) to the loader workers.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 from mmengine.logging import print_log
@@ -103,8 +102,8 @@ def add_wrappers(distiller: Any, dataset: Any, pipeline_cfg: list, seed: int | N
         base = base_dataset(dataset)
         if hasattr(base, "filter_empty_gt"):
             base.filter_empty_gt = False  # every view must exist, as it did when the teacher saw it
-        replay = ReplayViewsDataset(base, seed=0 if seed is None else int(seed))
-        replay.pipeline_cfg = copy.deepcopy(list(pipeline_cfg))  # what the store's record is compared with
+        replay = ReplayViewsDataset(base, seed=0 if seed is None else int(seed),
+                                    pipeline_cfg=pipeline_cfg)  # what the store's record is compared with
         parent = dataset
         while parent is not base and getattr(parent, "dataset", None) is not base:
             parent = parent.dataset
