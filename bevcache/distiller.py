@@ -46,8 +46,8 @@ def resolve_augmentation(policy: str, *, store_views: int = 0, spatial: bool = F
         return policy
     return "replay" if store_views else "warp" if spatial else "keep"
 # Spatial distillation settings (`spatial=dict(...)`) and their defaults.
-SPATIAL_DEFAULTS = dict(layers={"pts_neck": "pts_neck"}, weight=1.0, loss="mse", fg_weight=1.0, bg_weight=0.1,
-                        contrastive=False, contrastive_weight=0.1, tau=0.1, bev_range=None, grid=None,
+SPATIAL_DEFAULTS = dict(layers={"pts_neck": "pts_neck"}, weight=1.0, loss="mse", normalize=True, fg_weight=1.0,
+                        bg_weight=0.1, contrastive=False, contrastive_weight=0.1, tau=0.1, bev_range=None, grid=None,
                         min_radius=2, overlap=0.1, ignore_non_warpable=False, channels=None)
 
 
@@ -109,6 +109,11 @@ def _check_spatial_values(settings: dict) -> None:
 
     if settings["loss"] not in LOSSES:
         raise _bad("spatial.loss", f"one of {list(LOSSES)}", settings["loss"])
+    if not isinstance(settings["normalize"], bool):
+        raise _bad("spatial.normalize", "True (L2-normalise each cell) or False (raw features)", settings["normalize"])
+    if not settings["normalize"] and settings["loss"] != "mse":
+        raise _bad("spatial.loss", "'mse' when spatial.normalize=False (cosine is normalised by definition)",
+                   settings["loss"])
     for key in ("fg_weight", "bg_weight", "contrastive_weight"):
         _number(f"spatial.{key}", settings[key], low=0, allowed="a number >= 0")
     if settings["fg_weight"] + settings["bg_weight"] == 0:
@@ -245,7 +250,8 @@ class CRDDistiller(BaseModel):
             c = self.spatial_cfg
             self.spatial_loss = nn.ModuleDict({
                 _key(s): SpatialDistillLoss(None, self.spatial_channels[t], loss=c["loss"], fg_weight=c["fg_weight"],
-                                            bg_weight=c["bg_weight"], contrastive=c["contrastive"], tau=c["tau"])
+                                            bg_weight=c["bg_weight"], contrastive=c["contrastive"], tau=c["tau"],
+                                            normalize=c["normalize"])
                 for s, t in spatial_layers.items()})
         student_dims = dict(student_dims or {})
         self.crd = nn.ModuleDict({

@@ -4,10 +4,12 @@ The teacher map must already be in the student's (augmented) frame and on the te
 `warp.warp_bev` gives it with its valid mask; the foreground weight comes from
 `warp.gaussian_foreground` of the student's (augmented) boxes on that grid.
 
-Per cell, features are L2-normalised over channels, so the loss compares directions, not the two
-networks' unrelated feature scales:
+Per cell, features are L2-normalised over channels (`normalize=True`, the default), so the loss
+compares directions, not the two networks' unrelated feature scales:
 - 'mse':    |s - t|^2 summed over channels (= 2 - 2 cos(s, t) for non-zero cells);
 - 'cosine': 1 - cos(s, t).
+With `normalize=False` ('mse' only) the per-cell term is the raw adapted feature error, FitNets-style:
+|s - t|^2 averaged over channels (a mean, so its scale does not grow with the teacher's width).
 Cells are weighted by w = bg_weight + (fg_weight - bg_weight) * fg, times the valid mask, and the
 loss is sum(w * loss) / sum(w) (0 when no cell carries weight). The optional contrastive term is
 InfoNCE over the batch's valid foreground cells: the student's cell must pick its own teacher cell
@@ -54,11 +56,14 @@ class SpatialDistillLoss(nn.Module):
         tau: float = 0.1,  # InfoNCE temperature
         max_cells: int = 1024,  # foreground cells per batch in InfoNCE (random subset beyond)
         fg_threshold: float = 0.5,  # fg above this makes a cell foreground for InfoNCE
+        normalize: bool = True,  # L2-normalise each cell over channels before comparing
         eps: float = 1e-6,
     ) -> None:
         super().__init__()
         if loss not in LOSSES:
             raise SettingError(f"loss must be one of {list(LOSSES)}. Got {loss!r}.")
+        if not normalize and loss != "mse":
+            raise SettingError(f"normalize=False compares raw features: loss must be 'mse'. Got {loss!r}.")
         if fg_weight < 0 or bg_weight < 0 or fg_weight + bg_weight == 0:
             raise SettingError(f"fg_weight and bg_weight must be >= 0, not both 0. Got {fg_weight}, {bg_weight}.")
         if tau <= 0:
@@ -67,15 +72,15 @@ class SpatialDistillLoss(nn.Module):
             raise SettingError(f"max_cells must be >= 2 (one positive, one negative). Got {max_cells}.")
         self.loss, self.fg_weight, self.bg_weight = loss, float(fg_weight), float(bg_weight)
         self.contrastive, self.tau, self.max_cells = contrastive, float(tau), int(max_cells)
-        self.fg_threshold, self.eps = float(fg_threshold), float(eps)
+        self.fg_threshold, self.normalize, self.eps = float(fg_threshold), bool(normalize), float(eps)
         # Without the student's channels (unknown before any data) the adapter is sized by the first
         # batch, as CRD's embeddings are (under DDP the distiller keeps it in step: bevcache.lazy_params).
         self.adapter = (nn.Conv2d(student_channels, teacher_channels, kernel_size=1) if student_channels
                         else nn.LazyConv2d(teacher_channels, kernel_size=1))
 
     def extra_repr(self) -> str:
-        return (f"loss={self.loss!r}, fg_weight={self.fg_weight}, bg_weight={self.bg_weight}, "
-                f"contrastive={self.contrastive}, tau={self.tau}, max_cells={self.max_cells}")
+        return (f"loss={self.loss!r}, normalize={self.normalize}, fg_weight={self.fg_weight}, "
+                f"bg_weight={self.bg_weight}, contrastive={self.contrastive}, tau={self.tau}, max_cells={self.max_cells}")
 
     def forward(
         self, student: Tensor, teacher: Tensor, valid: Tensor | None = None, fg: Tensor | None = None
@@ -98,7 +103,10 @@ class SpatialDistillLoss(nn.Module):
             else:
                 s = torch.bmm(weight.expand(b, *weight.shape), cells)  # [B, Ct, h*w]
             t = teacher.detach().float().flatten(2)  # [B, Ct, h*w]
-            per_cell = _CellLoss.apply(s, t, self.loss == "mse", self.eps)  # [B, h*w]
+            if self.normalize:
+                per_cell = _CellLoss.apply(s, t, self.loss == "mse", self.eps)  # [B, h*w]
+            else:
+                per_cell = (s - t).square().mean(1)  # [B, h*w]
             cell_weight = ((self.bg_weight + (self.fg_weight - self.bg_weight) * fg) * valid).flatten(1)  # [B, h*w]
             terms = {"feat": (cell_weight * per_cell).sum() / cell_weight.sum().clamp_min(self.eps)}
             if self.contrastive:
@@ -118,9 +126,12 @@ class SpatialDistillLoss(nn.Module):
         fg = _cells(fg, teacher, 0.0)
         with _float32(student.device):
             pooled = F.adaptive_avg_pool2d(student.float(), (h, w))
-            s = F.normalize(self.adapter(pooled), dim=1)  # [B, Ct, h, w]
-            t = F.normalize(teacher.detach().float(), dim=1)
-            if self.loss == "mse":
+            s, t = self.adapter(pooled), teacher.detach().float()  # [B, Ct, h, w]
+            if self.normalize:
+                s, t = F.normalize(s, dim=1), F.normalize(t, dim=1)
+            if not self.normalize:
+                per_cell = (s - t).square().mean(1, keepdim=True)
+            elif self.loss == "mse":
                 per_cell = (s - t).square().sum(1, keepdim=True)
             else:
                 per_cell = 1 - (s * t).sum(1, keepdim=True)

@@ -224,3 +224,14 @@ def test_online_spatial_only_distillation_records_the_teacher_map(data_root, tea
     assert set(k for k in rec.losses[0] if "spatial" in k or "crd" in k) == {"loss_spatial_pts_neck"}
     assert rec.losses[0]["loss_spatial_pts_neck"] > 0
     assert runner.model.spatial_loss["pts_neck"].adapter.weight.shape[:2] == (512, 256)
+
+
+def test_spatial_settings_are_checked_before_anything_is_built():
+    from bevcache.distiller import check_model_cfg
+    from bevcache.errors import SettingError
+
+    check_model_cfg(dict(spatial=dict(normalize=False)))  # raw-feature MSE is a valid choice
+    with pytest.raises(SettingError, match="spatial.normalize must be True"):
+        check_model_cfg(dict(spatial=dict(normalize="no")))
+    with pytest.raises(SettingError, match="spatial.loss must be 'mse' when spatial.normalize=False"):
+        check_model_cfg(dict(spatial=dict(normalize=False, loss="cosine")))

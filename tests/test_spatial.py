@@ -195,3 +195,24 @@ def test_separable_pooling_equals_adaptive_average_pooling(size):
     (grad,) = torch.autograd.grad(pool_to(x, size), x, g)
     (expected,) = torch.autograd.grad(F.adaptive_avg_pool2d(x, size), x, g)
     torch.testing.assert_close(grad, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_raw_features_without_normalisation():
+    """normalize=False: the channel-mean squared error of the adapted map, scale included (a student
+    at twice the teacher's scale is not a match, as it is for the normalised loss)."""
+    torch.manual_seed(3)
+    teacher = torch.randn(2, 6, 8, 10)
+    raw, unit = _identity_loss(6, normalize=False), _identity_loss(6)
+    assert raw(teacher, teacher)["feat"].abs() < 1e-6
+    assert unit(2 * teacher, teacher)["feat"].abs() < 1e-6
+    torch.testing.assert_close(raw(2 * teacher, teacher)["feat"], teacher.square().mean(), rtol=1e-5, atol=0)
+    fg, valid = torch.rand(2, 8, 10), (torch.rand(2, 1, 8, 10) > 0.3).float()
+    student = torch.randn(2, 6, 16, 20, requires_grad=True)
+    results = []
+    for forward in (raw.forward, raw._forward_autograd):
+        student.grad = None
+        forward(student, teacher, valid, fg)["feat"].backward()
+        results.append(student.grad.clone())
+    torch.testing.assert_close(*results, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="normalize=False"):
+        SpatialDistillLoss(2, 2, loss="cosine", normalize=False)

@@ -110,7 +110,7 @@ def rows(args: argparse.Namespace) -> list[dict]:
                             student_seconds(args, "plain" if settings is None else "spatial", None,
                                             held["fit_samples"], held["heldout_samples"]),
                             "tune", rec and rec["seconds"])
-            total_points = 1 + len(weights(args)) + (1 if args.quick else 2)
+            total_points = 1 + len(weights(args)) + (3 if args.quick else 4)  # plain, A, B, C
             for i in range(n_points, total_points):
                 add(piece, f"tune point {i + 1} (named when its stage starts)", "todo",
                     student_seconds(args, "spatial", None, held["fit_samples"], held["heldout_samples"]),

@@ -1,11 +1,13 @@
 """`--piece tune`: the spatial loss settings, chosen on a held-out split carved from train.
 
 Where the loss sits is fixed to where the BEV distillation literature puts it: the BEV feature map
-the detection head reads (`pts_neck`), every cell L2-normalised over channels behind a learned 1x1
-adapter (bevcache.spatial.SpatialDistillLoss always does both: there is no switch to try them off).
+the detection head reads (`pts_neck`), behind a learned 1x1 adapter (required: the student's 256
+channels must map onto the teacher's 512, so "no adapter" is not a point).
 What it does choose, by coordinate search (each stage starts from the previous stage's winner):
-  A  loss weight                    0.3, 1, 3, 10 (foreground 1, background 0.1: the defaults)
+  A  loss weight                    0.3, 1, 3, 10 (foreground 1, background 0.1, cells L2-normalised)
   B  foreground weighting           uniform (background 1), foreground only (background 0)
+  C  feature normalisation          off: raw adapted features, channel-mean squared error (FitNets),
+                                    at B's weight and at 10x it (raw errors are on the teacher's scale)
 (the optional InfoNCE term over foreground cells is left out: not among the settings the
 literature places the loss by, and a point costs ~10 min)
 plus the plain augmented student on the same split as the reference. A point's score is its mean
@@ -33,7 +35,7 @@ from steps import (
     train_run,
 )
 
-DEFAULT = {"weight": 1.0, "fg_weight": 1.0, "bg_weight": 0.1, "contrastive": False}
+DEFAULT = {"weight": 1.0, "fg_weight": 1.0, "bg_weight": 0.1, "normalize": True, "contrastive": False}
 WEIGHTS = (0.3, 1.0, 3.0, 10.0)
 FOREGROUND = {"uniform": {"bg_weight": 1.0}, "fgonly": {"bg_weight": 0.0}}
 
@@ -53,7 +55,7 @@ def point_name(settings: dict) -> str:
     for tag, change in FOREGROUND.items():
         if settings["bg_weight"] == change["bg_weight"]:
             name += f"-{tag}"
-    return name + ("-nce" if settings["contrastive"] else "")
+    return name + ("" if settings["normalize"] else "-raw") + ("-nce" if settings["contrastive"] else "")
 
 
 def heldout(args: argparse.Namespace) -> dict:
@@ -83,6 +85,12 @@ def stages(args: argparse.Namespace, results: dict[str, list[dict]]) -> list[lis
         return out
     b = [dict(best_a, **change) for tag, change in FOREGROUND.items() if not (args.quick and tag == "fgonly")]
     out.append(b)
+    best_b = best(results, [best_a, *b], args.tune_seeds)
+    if best_b is None:
+        return out
+    # Raw features are on the teacher's own scale (its pts_neck cells have a channel-mean square of
+    # ~0.1 here, against ~2 for the normalised term before training), so raw gets the weight and 10x.
+    out.append([dict(best_b, normalize=False), dict(best_b, normalize=False, weight=best_b["weight"] * 10)])
     return out
 
 
@@ -111,7 +119,7 @@ def selection(args: argparse.Namespace) -> dict | None:
     """The chosen spatial settings once every stage finished; None before."""
     results = finished(args)
     all_stages = stages(args, results)
-    if len(all_stages) < 2:
+    if len(all_stages) < 3:
         return None
     candidates = [p for stage in all_stages for p in stage if p is not None]
     return best(results, candidates, args.tune_seeds)
@@ -162,27 +170,27 @@ def write_doc(args: argparse.Namespace, summary: dict, results: dict[str, list[d
           f"{args.tune_teacher}'s store over the fit samples (K={args.views} views, {args.spatial_grid}x"
           f"{args.spatial_grid} maps, augmentation 'auto' = replay); {args.epochs} epochs, "
           f"{args.tune_seeds} seed(s) per point.", "",
-          "Fixed, not searched: the loss sits on `pts_neck` (the BEV map the head reads), each cell "
-          "L2-normalised over channels after a learned 1x1 adapter (student 256 -> teacher 512 channels): "
-          "bevcache.spatial has no switch for either, so 'without normalisation' and 'without adapter' were "
-          "not tried (a library option each). `loss='cosine'` is not a separate point: on normalised cells "
-          "the MSE is 2 x (1 - cos), i.e. the same loss at twice the weight.", "",
-          "Score = mean held-out mAP over the last 3 validations. Stages: A loss weight, B foreground "
-          "weighting at A's winner.", "",
-          "| point | weight | fg / bg weight | seeds | held-out mAP (last 3, mean) | final mAP | vs plain |",
-          "|---|---|---|---|---|---|---|"]
+          "Fixed, not searched: the loss sits on `pts_neck` (the BEV map the head reads) after a learned 1x1 "
+          "adapter, which the widths require (student 256 -> teacher 512 channels). `loss='cosine'` is not a "
+          "separate point: on normalised cells the MSE is 2 x (1 - cos), i.e. the same loss at twice the weight.", "",
+          "Score = mean held-out mAP over the last 3 validations. Stages: A loss weight (cells L2-normalised), "
+          "B foreground weighting at A's winner, C feature normalisation off (`spatial.normalize=False`: raw "
+          "adapted features, channel-mean squared error) at B's winner, at its weight and at 10x it (the raw "
+          "term starts ~16x smaller than the normalised one on T1's maps).", "",
+          "| point | weight | fg / bg weight | normalised | seeds | held-out mAP (last 3, mean) | final mAP | vs plain |",
+          "|---|---|---|---|---|---|---|---|"]
     for name, rs in results.items():
         if not rs:
             continue
         s = statistics.fmean(score(r) for r in rs)
         final = statistics.fmean(r["final"]["mAP"] for r in rs)
         if name == "plain":
-            md.append(f"| plain augmented (reference) | - | - | {len(rs)} | {s:.4f} | {final:.4f} | - |")
+            md.append(f"| plain augmented (reference) | - | - | - | {len(rs)} | {s:.4f} | {final:.4f} | - |")
             continue
         p = next(p for stage in stages(args, results) for p in stage if p is not None and point_name(p) == name)
         mark = " **(chosen)**" if chosen is not None and point_name(chosen) == name else ""
         md.append(f"| {name}{mark} | {p['weight']:g} | {p['fg_weight']:g} / {p['bg_weight']:g} | "
-                  f"{len(rs)} | {s:.4f} | {final:.4f} | {s - ref:+.4f} |")
+                  f"{'yes' if p['normalize'] else 'no'} | {len(rs)} | {s:.4f} | {final:.4f} | {s - ref:+.4f} |")
     md += ["", ("Chosen: `spatial=" + json.dumps(chosen) + "`; the matrix's spatial variants use it."
                 if chosen else "**Not finished**: the matrix's spatial runs wait for it."), "",
            f"With one seed per point the differences between points are as noisy as one run (seed std of a "
