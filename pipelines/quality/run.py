@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import os
 import sys
 from pathlib import Path
 
@@ -106,9 +105,6 @@ def _mirror(rec: dict) -> str | None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv, __doc__)
-    # OpenMP threads that spin while they wait are ruinous on a shared machine (a 2-thread step
-    # ran 14x slower on 2 loaded cores); every `bevcache` command inherits this.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.plan:
         print_plan(args)
