@@ -105,7 +105,8 @@ def teacher_section(args: argparse.Namespace, key: str, t: dict, runs: dict[str,
     if srec:
         md.append(f"- One-off: the teacher ({trec['seconds']:.0f} s) and its extraction ({srec['seconds']:.0f} s).")
     if not any(wins):
-        md += ["", "**No cached variant wins: the ablations.**", ""] + ablations(key, trec, agg, tuning)
+        heading = "No cached variant wins: the ablations." if wins else "The ablations so far (no comparison finished yet)."
+        md += ["", f"**{heading}**", ""] + ablations(key, trec, agg, tuning)
     answers["aggregate"] = agg
     return md + [""], answers
 
@@ -198,8 +199,10 @@ def write_report(args: argparse.Namespace, teachers: dict, runs: dict[str, list[
                      "(pass --allow-dirty to write it flagged, or --report-dir elsewhere)")
     args.report_dir.mkdir(parents=True, exist_ok=True)
     state = git_state(own_outputs=args.report_dir)
-    device = (f"CPU, {os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}, "
-              f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '-')}")
+    # The report's own environment, which the pieces inherit when run through this script.
+    threads = os.environ.get("OMP_NUM_THREADS") or f"unset (torch's default, {os.cpu_count()} threads)"
+    policy = os.environ.get("OMP_WAIT_POLICY") or "unset (spinning waits, OpenMP's default)"
+    device = f"CPU, {os.cpu_count()} cores, OMP_NUM_THREADS {threads}, OMP_WAIT_POLICY {policy}"
     md = ["# bevcache quality report: does distillation beat the plain student?"
           + (" (QUICK SMOKE RUN: not a result)" if args.quick else ""), "", *prov, "",
           *([f"**Partial: {partial} not finished yet** (see the plan at the end).", ""] if partial else []),
