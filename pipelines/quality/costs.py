@@ -3,13 +3,14 @@
 Estimates are for 2 CPU cores with nothing else running (OMP_NUM_THREADS=2). Where finished runs of
 the same class exist (same sizes: their signatures match), their mean wall clock replaces the model.
 The model's seconds, and where they were measured:
-- pillar student: 0.931 s per iteration at batch 4 (benchmarks/results/train_step.json, cached CRD
-  (b), idle machine, commit 3919fb0; plain 0.914, online T1 1.010); spatial x1.05 (docs/quality/
+- pillar student: 0.79 s per iteration at batch 4 (plain, on the recipe's own root, alone, b80a078;
+  benchmarks/results/train_step.json has cached CRD 0.931 / plain 0.914 / online T1 1.010 on the
+  demo root, so cached ~x1.02 and online T1 ~x1.10 of plain); spatial x1.05 (docs/quality/
   results.json at eafac9a: spatial replay/warp vs plain augmented, 0.95-1.05x);
-- T1 teacher training: 1.15 s per iteration at batch 4 (`make demo`, alone: pipelines/quality/README.md);
+- T1 teacher training: 1.2 s per iteration at batch 4 (the recipe's teacher-T1 at b80a078, alone);
   its forward 1 / 33.85 samples/s (benchmarks/results/extract.json);
-- validation: 0.146 s per sample (full predict, extract.json: 6.86 samples/s) + 15 s of devkit
-  evaluation (README: a 300-sample validation took about a minute);
+- validation: 0.125 s per sample + 3 s of devkit evaluation (the tuning's plain run at b80a078: 12
+  validations of 40 held-out samples took ~8 s each);
 - T2 / T3 (spconv voxel trunk, camera branch): benchmarks/results/fused.json, taken at load 5.5 on
   2 cores (commit f363d67), divided by LOADED = 2.75 (load / cores: an assumption, the only fused
   numbers there are): voxel student step 10.92 s per 2 samples -> T2 training; + the camera
@@ -28,12 +29,12 @@ from matrix import PIECES, TEACHERS, piece_runs
 from steps import finished_run, load_marker, store_path, store_sig, teacher_dir, teacher_sig
 
 LOADED = 2.75
-STUDENT = 0.931 / 4
+STUDENT = 0.79 / 4
 SPATIAL_FACTOR = 1.05
-TEACHER_TRAIN = {"T1": 1.15 / 4, "T2": 10.92 / 2 / LOADED, "T3": 10.92 / 2 / LOADED + 3 * 1.086 / 2 / LOADED}
+TEACHER_TRAIN = {"T1": 1.2 / 4, "T2": 10.92 / 2 / LOADED, "T3": 10.92 / 2 / LOADED + 3 * 1.086 / 2 / LOADED}
 TEACHER_FORWARD = {"T1": 1 / 33.85, "T2": 2.07 / LOADED * 0.77, "T3": 2.07 / LOADED}
-PREDICT = 1 / 6.86
-EVAL = 15.0
+PREDICT = 0.125
+EVAL = 3.0
 MAPS_FACTOR = 1.64
 STARTUP = 20.0
 PIECE_LIMIT = 2 * 3600
