@@ -126,11 +126,10 @@ class SpatialDistillLoss(nn.Module):
         fg = _cells(fg, teacher, 0.0)
         with _float32(student.device):
             pooled = F.adaptive_avg_pool2d(student.float(), (h, w))
-            s, t = self.adapter(pooled), teacher.detach().float()  # [B, Ct, h, w]
-            if self.normalize:
-                s, t = F.normalize(s, dim=1), F.normalize(t, dim=1)
+            raw_s, raw_t = self.adapter(pooled), teacher.detach().float()  # [B, Ct, h, w]
+            s, t = F.normalize(raw_s, dim=1), F.normalize(raw_t, dim=1)  # InfoNCE compares unit cells either way
             if not self.normalize:
-                per_cell = (s - t).square().mean(1, keepdim=True)
+                per_cell = (raw_s - raw_t).square().mean(1, keepdim=True)
             elif self.loss == "mse":
                 per_cell = (s - t).square().sum(1, keepdim=True)
             else:
