@@ -12,7 +12,7 @@ LIGHT_START = True
 def main() -> None:
     from bevcache.cli import main as cli_main
 
-    cli_main()
+    cli_main(prog_name="bevcache")  # also under `python -m bevcache_cli`, as the tests start it
 
 
 if __name__ == "__main__":

@@ -198,13 +198,32 @@ class CRDDistiller(BaseModel):
         # Inputs only the online teacher reads (a fused teacher's `img` beside a LiDAR student): the
         # student never sees them (bevcache.inputs).
         self.teacher_inputs = tuple(teacher_inputs)
+        num_data, teacher_dims, pooling = self._attach_teacher(cache, teacher, teacher_checkpoint, trust_checkpoint,
+                                                               augmentation=augmentation, views=views, num_data=num_data,
+                                                               teacher_dims=dict(teacher_dims or {}), pooling=pooling)
+        self._set_pooling(pooling)
+        nce_k = self._set_num_data(num_data, nce_k)
+        self._build_student_and_losses(student, dict(student_dims or {}), teacher_dims,
+                                       dict(feat_dim=feat_dim, nce_k=nce_k, nce_t=nce_t, nce_m=nce_m,
+                                            z_momentum=z_momentum))
+        from .lazy_params import LazyParamSync
+
+        self.lazy_params = LazyParamSync(self)  # widths from the first batch, under DDP too
+
+    # -- building ---------------------------------------------------------------------------
+
+    def _attach_teacher(self, cache: str | None, teacher: dict | None, checkpoint: str | None, trust: bool, *,
+                        augmentation: str, views: int | None, num_data: int | None, teacher_dims: dict,
+                        pooling) -> tuple[int, dict, str | dict | None]:
+        """The teacher side: the store (rows, widths, pooling and views come from it) or the online
+        teacher; resolves `augmentation` once. Returns (num_data, teacher_dims, pooling)."""
         store = None
         if cache is not None:
             from .store import open_store
 
             store = open_store(cache)
         self.augmentation = resolve_augmentation(augmentation, store_views=store.num_views if store else 0,
-                                                 spatial=bool(spatial))
+                                                 spatial=bool(self.spatial_cfg))
         self.cache = cache
         self.replay = self.augmentation == "replay"
         self.num_views = views
@@ -215,25 +234,28 @@ class CRDDistiller(BaseModel):
         self.data_attached = False
         self.lazy_pooled = False
         self.spatial_channels: dict[str, int] = {}
-        teacher_dims = dict(teacher_dims or {})
-        if cache is not None:
-            num_data, teacher_dims, pooling = self._open_cache(store, num_data, teacher_dims, pooling)
-        else:
-            if num_data is None:
-                raise ConfigError("CRDDistiller with an online `teacher` needs num_data (the training set's length; "
-                                  "`bevcache train` fills it in). DistillationHook checks it against the data.")
-            self._build_online_teacher(dict(teacher or {}), teacher_checkpoint, trust_checkpoint)
-            if self.spatial_cfg:
-                if not self.spatial_cfg["channels"] or not self.spatial_cfg["grid"]:
-                    raise ConfigError("CRDDistiller with an online teacher: spatial needs channels (the teacher "
-                                      "map's C) and grid ((h, w) to pool it to), as a store would record them.")
-                self.spatial_channels = {t: int(self.spatial_cfg["channels"])
-                                         for t in self.spatial_cfg["layers"].values()}
+        if store is not None:
+            return self._open_cache(store, num_data, teacher_dims, pooling)
+        if num_data is None:
+            raise ConfigError("CRDDistiller with an online `teacher` needs num_data (the training set's length; "
+                              "`bevcache train` fills it in). DistillationHook checks it against the data.")
+        self._build_online_teacher(dict(teacher or {}), checkpoint, trust)
+        if self.spatial_cfg:
+            if not self.spatial_cfg["channels"] or not self.spatial_cfg["grid"]:
+                raise ConfigError("CRDDistiller with an online teacher: spatial needs channels (the teacher "
+                                  "map's C) and grid ((h, w) to pool it to), as a store would record them.")
+            self.spatial_channels = {t: int(self.spatial_cfg["channels"]) for t in self.spatial_cfg["layers"].values()}
+        return num_data, teacher_dims, pooling
+
+    def _set_pooling(self, pooling: str | dict | None) -> None:
         pooling = pooling or "avg"
         self.pooling = {s: pooling if isinstance(pooling, str) else pooling[s] for s in self.layers}
         bad = {s: p for s, p in self.pooling.items() if p not in POOLINGS}
         if bad:
             raise ConfigError(f"CRDDistiller: pooling must be one of {list(POOLINGS)}. Got {bad}.")
+
+    def _set_num_data(self, num_data: int, nce_k: int) -> int:
+        """Checks the row count; returns nce_k clamped below it (a small dataset has fewer negatives)."""
         self.num_data = int(num_data)
         if self.num_data < 2:
             raise ConfigError(f"CRDDistiller: CRD needs at least 2 training samples. Got num_data={self.num_data}.")
@@ -241,6 +263,10 @@ class CRDDistiller(BaseModel):
             print_log(f"CRDDistiller: nce_k={nce_k} >= num_data={self.num_data}: clamped to {self.num_data - 1}",
                       logger="current", level=30)
             nce_k = self.num_data - 1
+        return nce_k
+
+    def _build_student_and_losses(self, student: dict, student_dims: dict, teacher_dims: dict, crd: dict) -> None:
+        """The student, the recorder of its distilled layers, and a loss per layer (CRD, spatial)."""
         self.student = MODELS.build(copy.deepcopy(student))
         spatial_layers = dict(self.spatial_cfg.get("layers", {}))
         self.student_recorder = LayerRecorder(self.student, [*self.layers, *spatial_layers])
@@ -253,17 +279,11 @@ class CRDDistiller(BaseModel):
                                             bg_weight=c["bg_weight"], contrastive=c["contrastive"], tau=c["tau"],
                                             normalize=c["normalize"])
                 for s, t in spatial_layers.items()})
-        student_dims = dict(student_dims or {})
         self.crd = nn.ModuleDict({
             _key(s): CRDLoss(student_dim=student_dims.get(s), teacher_dim=teacher_dims.get(t), num_data=self.num_data,
-                             feat_dim=feat_dim, nce_k=nce_k, nce_t=nce_t, nce_m=nce_m, z_momentum=z_momentum)
+                             **crd)
             for s, t in self.layers.items()
         })
-        from .lazy_params import LazyParamSync
-
-        self.lazy_params = LazyParamSync(self)  # widths from the first batch, under DDP too
-
-    # -- building ---------------------------------------------------------------------------
 
     def _spatial_settings(self, spatial: dict | None, student: dict) -> dict:
         """Spatial settings with defaults; the BEV extent defaults to the student's point cloud range."""

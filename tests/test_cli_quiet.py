@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def quiet_run(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
-    return subprocess.run([sys.executable, "-m", "bevcache.cli", *args], cwd=REPO, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "bevcache_cli", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
 
 
