@@ -49,7 +49,15 @@ class InterruptState:
         return signal.Signals(self.signum).name if self.signum else "?"
 
     def handle(self, signum: int, _frame: object) -> None:
-        if os.getpid() != self.pid:  # a forked data loader worker: the main process ends it
+        if os.getpid() != self.pid:
+            if torch.utils.data.get_worker_info() is not None:
+                return  # a data loader worker (Ctrl-C hits the process group): the main process ends it
+            # Any other forked child (a multiprocessing pool: its terminate() sends SIGTERM and then
+            # waits) stops as it would without bevcache, also when a failed run left the handler set.
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
             return
         self.count += 1
         if self.signum is None:

@@ -288,6 +288,36 @@ def test_a_second_signal_stops_at_once_and_names_the_last_checkpoint(iter_studen
     assert not (tmp_path / "iter_3.pth").exists()
 
 
+class _SignalsItself(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> int:
+        os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C reaches the whole process group
+        return i
+
+
+def test_forked_children_under_the_interrupt_handlers(tmp_path):
+    """Loader workers ignore Ctrl-C (the main process stops at a checkpoint; torch's own SIGTERM
+    handler serves them); any other forked child stops as usual, so a pool's terminate() cannot
+    hang in a process whose handlers are set."""
+    import multiprocessing
+
+    from bevcache.guard import interruptible
+
+    with interruptible() as state:
+        loader = torch.utils.data.DataLoader(_SignalsItself(), batch_size=1, num_workers=1,
+                                             multiprocessing_context="fork")
+        assert [int(b) for b in loader] == [0, 1]  # the worker survived its own SIGINT
+        child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+        child.start()
+        time.sleep(0.5)
+        child.terminate()
+        child.join(20)
+        assert child.exitcode == -signal.SIGTERM
+        assert state.signum is None  # neither reached the main process's flag
+
+
 def test_ctrl_c_outside_a_training_loop_and_stray_os_errors_are_one_line(tmp_path, monkeypatch):
     def pressed(*_a, **_k):
         raise KeyboardInterrupt
