@@ -98,15 +98,32 @@ class TrainGuardHook(Hook):
         self.state = state or InterruptState()
         self._own_handlers = state is None
         self._previous: dict = {}
+        self._train_code = None
 
     def before_run(self, runner) -> None:
         if self._own_handlers and threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self.state.handle) for s in _SIGNALS}
+            self._train_code = type(runner).train.__code__
+            self._previous = {s: signal.signal(s, self._handle) for s in _SIGNALS}
 
     def after_run(self, runner) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        """The run's handler while `runner.train()` is on the stack. mmengine calls after_run only
+        when training succeeds, so after a failed run (a notebook, a test session) the handlers
+        are put back on the next signal, which then acts as it would have without this hook."""
+        if os.getpid() != self.state.pid or _on_stack(frame, self._train_code):
+            self.state.handle(signum, frame)
+            return
+        previous = self._previous.get(signum, signal.SIG_DFL)
+        self.after_run(None)
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
 
     def _stop_requested(self) -> bool:
         import torch.distributed as dist
@@ -156,6 +173,14 @@ class TrainGuardHook(Hook):
                 "against a store (or distill settings) with other feature widths. Resume with the store and "
                 "distill settings it was trained with, or start a new --work-dir."
             )
+
+
+def _on_stack(frame, code) -> bool:
+    while frame is not None:
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
 
 
 @contextlib.contextmanager

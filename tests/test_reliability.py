@@ -318,6 +318,27 @@ def test_forked_children_under_the_interrupt_handlers(tmp_path):
         assert state.signum is None  # neither reached the main process's flag
 
 
+def test_a_config_guard_hook_sets_a_flag_during_training_and_steps_aside_after_a_failed_run():
+    from bevcache.guard import TrainGuardHook
+
+    class FailingRunner:  # mmengine calls before_run, then a failure skips after_run
+        def train(self):
+            hook.before_run(self)
+            os.kill(os.getpid(), signal.SIGINT)  # during training: only the flag
+            assert hook.state.signum == signal.SIGINT
+            raise RuntimeError("a check refused the data")
+
+    before = signal.getsignal(signal.SIGINT)
+    hook = TrainGuardHook()
+    with pytest.raises(RuntimeError, match="refused the data"):
+        FailingRunner().train()
+    assert signal.getsignal(signal.SIGINT) is not before  # still set: no after_run
+    with pytest.raises(KeyboardInterrupt):  # after the run: Ctrl-C interrupts at once again
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def test_ctrl_c_outside_a_training_loop_and_stray_os_errors_are_one_line(tmp_path, monkeypatch):
     def pressed(*_a, **_k):
         raise KeyboardInterrupt
