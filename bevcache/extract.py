@@ -501,6 +501,7 @@ def _run(opts, settings, model, source, recorder, *, layers, spatial, tokens, sa
         store = open_store(settings["out"], mode="r+")
         if store.complete_mask().all():
             store.set_attrs(finished=datetime.now(timezone.utc).isoformat())
+    _barrier()  # zarr rewrites zarr.json in place: no rank reads it while rank 0 writes
     info = open_store(settings["out"]).info()
     info["rows_this_run"] = total
     info["seconds"] = elapsed

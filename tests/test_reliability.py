@@ -328,15 +328,18 @@ def test_a_config_guard_hook_sets_a_flag_during_training_and_steps_aside_after_a
             assert hook.state.signum == signal.SIGINT
             raise RuntimeError("a check refused the data")
 
-    before = signal.getsignal(signal.SIGINT)
-    hook = TrainGuardHook()
-    with pytest.raises(RuntimeError, match="refused the data"):
-        FailingRunner().train()
-    assert signal.getsignal(signal.SIGINT) is not before  # still set: no after_run
-    with pytest.raises(KeyboardInterrupt):  # after the run: Ctrl-C interrupts at once again
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(1)
-    assert signal.getsignal(signal.SIGINT) is before
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)  # xdist workers ignore SIGINT
+    try:
+        hook = TrainGuardHook()
+        with pytest.raises(RuntimeError, match="refused the data"):
+            FailingRunner().train()
+        assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler  # still set: no after_run
+        with pytest.raises(KeyboardInterrupt):  # after the run: Ctrl-C interrupts at once again
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def test_ctrl_c_outside_a_training_loop_and_stray_os_errors_are_one_line(tmp_path, monkeypatch):
