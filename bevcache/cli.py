@@ -69,7 +69,11 @@ def _with_models(fn):
 
         register()
         gather_mmengine_notices()
-        return fn(*args, **kwargs)
+        result = fn(*args, **kwargs)
+        from .runtime import leave_process_group
+
+        leave_process_group()  # after a successful command only: a failing rank just exits
+        return result
 
     return wrapper
 

@@ -352,14 +352,19 @@ def _open_or_create(opts: ExtractOptions, settings: dict, *, layers: list[LayerS
                                  tokens=tokens, sample_idx=sample_idx, metadata=metadata,
                                  chunk_rows=int(settings["chunk_rows"]), overwrite=exists,
                                  views=int(settings["views"]), spatial=spatial or None)
-    _barrier()
+    _barrier(url)
     return store if rank == 0 else open_store(url, mode="r+")
 
 
-def _barrier() -> None:
+def _barrier(url: str) -> None:
     from mmengine.dist import barrier
 
-    barrier()
+    try:
+        barrier()
+    except RuntimeError as exc:  # a peer died while this rank waited (gloo: "Connection closed by peer")
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise StoreError(f"another rank of this job failed while this one waited for it ({reason}); the finished "
+                         f"blocks in {url} are durable: run the same command with --resume to finish.") from None
 
 
 def _teacher_identity(cfg, opts: ExtractOptions, record: dict, model) -> dict:
@@ -496,12 +501,12 @@ def _run(opts, settings, model, source, recorder, *, layers, spatial, tokens, sa
         raise StoreError(f"interrupted by {interrupt.name}: {writer.rows_written} rows are durable in {settings['out']}; "
                          "run the same command with --resume to finish.")
     elapsed = time.perf_counter() - t0
-    _barrier()
+    _barrier(settings["out"])
     if rank == 0:
         store = open_store(settings["out"], mode="r+")
         if store.complete_mask().all():
             store.set_attrs(finished=datetime.now(timezone.utc).isoformat())
-    _barrier()  # zarr rewrites zarr.json in place: no rank reads it while rank 0 writes
+    _barrier(settings["out"])  # zarr rewrites zarr.json in place: no rank reads it while rank 0 writes
     info = open_store(settings["out"]).info()
     info["rows_this_run"] = total
     info["seconds"] = elapsed

@@ -166,6 +166,16 @@ def _cpu_rank_env(launcher: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
 
 
+def leave_process_group() -> None:
+    """Destroy the process group before the interpreter's teardown, as torch asks of every
+    distributed program: left to exit, gloo's threads can abort the finished process (rc -6,
+    "terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def init_distributed(launcher: str, cfg=None) -> None:
     """Join the job's process group with mmengine's `init_dist` (NCCL on GPUs); gloo on CPU.
 

@@ -131,6 +131,7 @@ cfg.merge_from_dict(parse_cfg_options(sys.argv[2:]))
 cfg.launcher = "pytorch"
 cfg.model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None, broadcast_buffers=False)
 Runner.from_cfg(cfg).train()
+dist.destroy_process_group()
 """
 
 
@@ -162,12 +163,13 @@ SLURM_SCRIPT = """
 import os, sys
 sys.path.insert(0, {repo!r})
 from mmengine.config import Config
-from bevcache.runtime import init_distributed
+from bevcache.runtime import init_distributed, leave_process_group
 import torch.distributed as dist
 init_distributed('slurm', Config(dict(env_cfg=dict(dist_cfg=dict(backend='gloo', timeout=60)))))
 t = __import__('torch').tensor([dist.get_rank() + 1.0])
 dist.all_reduce(t)
 print('rank', dist.get_rank(), 'of', dist.get_world_size(), 'sum', float(t), 'timeout-ok', flush=True)
+leave_process_group()
 """
 
 

@@ -646,6 +646,21 @@ def test_a_dying_rank_fails_torchrun_extraction_within_bounds_and_resume_complet
     assert_same_tables(str(out), neck_store)
 
 
+def test_a_peer_dying_at_an_extraction_barrier_is_one_resumable_error(monkeypatch):
+    """Rank 0 can reach a barrier before torchrun stops it; the dead peer's gloo error says --resume."""
+    import mmengine.dist
+
+    from bevcache.errors import StoreError
+    from bevcache.extract import _barrier
+
+    def closed(*_a):
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:26524. GLHF!")
+
+    monkeypatch.setattr(mmengine.dist, "barrier", closed)
+    with pytest.raises(StoreError, match=r"another rank .*Connection closed by peer.*out\.zarr are durable.*--resume"):
+        _barrier("out.zarr")
+
+
 @pytest.mark.slow
 def test_a_stalled_rank_makes_the_barrier_fail_after_the_dist_cfg_timeout(tmp_path):
     """The collective timeout is mmengine's own setting, env_cfg.dist_cfg.timeout (5 s here)."""
