@@ -352,19 +352,20 @@ def _open_or_create(opts: ExtractOptions, settings: dict, *, layers: list[LayerS
                                  tokens=tokens, sample_idx=sample_idx, metadata=metadata,
                                  chunk_rows=int(settings["chunk_rows"]), overwrite=exists,
                                  views=int(settings["views"]), spatial=spatial or None)
-    _barrier(url)
+    _barrier(url, blocks_written=False)
     return store if rank == 0 else open_store(url, mode="r+")
 
 
-def _barrier(url: str) -> None:
+def _barrier(url: str, *, blocks_written: bool = True) -> None:
     from mmengine.dist import barrier
 
     try:
         barrier()
     except RuntimeError as exc:  # a peer died while this rank waited (gloo: "Connection closed by peer")
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise StoreError(f"another rank of this job failed while this one waited for it ({reason}); the finished "
-                         f"blocks in {url} are durable: run the same command with --resume to finish.") from None
+        advice = (f"the finished blocks in {url} are durable: run the same command with --resume to finish"
+                  if blocks_written else "that rank's own error (rank 0 creates the store) says what to change")
+        raise StoreError(f"another rank of this job failed while this one waited for it ({reason}); {advice}.") from None
 
 
 def _teacher_identity(cfg, opts: ExtractOptions, record: dict, model) -> dict:

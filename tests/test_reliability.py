@@ -659,6 +659,8 @@ def test_a_peer_dying_at_an_extraction_barrier_is_one_resumable_error(monkeypatc
     monkeypatch.setattr(mmengine.dist, "barrier", closed)
     with pytest.raises(StoreError, match=r"another rank .*Connection closed by peer.*out\.zarr are durable.*--resume"):
         _barrier("out.zarr")
+    with pytest.raises(StoreError, match=r"rank 0 creates the store\) says what to change"):  # before any block
+        _barrier("out.zarr", blocks_written=False)
 
 
 @pytest.mark.slow
