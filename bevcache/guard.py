@@ -54,10 +54,7 @@ class InterruptState:
                 return  # a data loader worker (Ctrl-C hits the process group): the main process ends it
             # Any other forked child (a multiprocessing pool: its terminate() sends SIGTERM and then
             # waits) stops as it would without bevcache, also when a failed run left the handler set.
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+            _act_as(signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL, signum, _frame)
             return
         self.count += 1
         if self.signum is None:
@@ -119,11 +116,7 @@ class TrainGuardHook(Hook):
             return
         previous = self._previous.get(signum, signal.SIG_DFL)
         self.after_run(None)
-        if callable(previous):
-            previous(signum, frame)
-        elif previous != signal.SIG_IGN:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+        _act_as(previous, signum, frame)
 
     def _stop_requested(self) -> bool:
         import torch.distributed as dist
@@ -173,6 +166,15 @@ class TrainGuardHook(Hook):
                 "against a store (or distill settings) with other feature widths. Resume with the store and "
                 "distill settings it was trained with, or start a new --work-dir."
             )
+
+
+def _act_as(handler, signum: int, frame) -> None:
+    """Do what `handler` (a Python handler, SIG_IGN or SIG_DFL) does with this signal."""
+    if callable(handler):
+        handler(signum, frame)
+    elif handler != signal.SIG_IGN:  # SIG_DFL (or a handler not set from Python): the default action
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
 
 
 def _on_stack(frame, code) -> bool:
