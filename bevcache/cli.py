@@ -141,7 +141,8 @@ def synth(out_dir: str, samples: int, val_samples: int | None, seed: int, sweeps
 @click.option("--num-workers", type=click.IntRange(min=0), default=None)
 @click.option("--chunk-rows", type=click.IntRange(min=1), default=None, help="Rows per chunk (= resumable block).")
 @click.option("--views", type=click.IntRange(min=0), default=None,
-              help="Also cache K augmented views per sample (training pipeline, seeded per view) [default: 0].")
+              help="Also cache K augmented views per sample (training pipeline, seeded per view); for replay, "
+                   "K >= the student's epochs [default: 0].")
 @click.option("--spatial", default=None,
               help="Also keep BEV maps, pooled to a grid: LAYER=N or LAYER=HxW, comma-separated (pts_neck=45).")
 @_cfg_options()

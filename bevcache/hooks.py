@@ -19,7 +19,7 @@ from mmdet3d.registry import HOOKS
 from mmengine.hooks import Hook
 
 from .errors import ConfigError
-from .replay import find_replay_dataset
+from .replay import find_replay_dataset, repeated_views_warning
 
 
 def unwrap_model(model):
@@ -89,6 +89,19 @@ class DistillationHook(Hook):
         if not isinstance(runner.train_loop, EpochBasedTrainLoop):
             self._iters_per_pass = max(len(runner.train_dataloader), 1)
             restart_loader_workers(runner.train_loop)
+        self._warn_repeated_views(runner)
+
+    def _warn_repeated_views(self, runner) -> None:
+        replay = find_replay_dataset(runner.train_dataloader.dataset)
+        if replay is None or not replay.num_views:
+            return
+        loop = runner.train_loop
+        passes = -(-loop.max_iters // self._iters_per_pass) if self._iters_per_pass else loop.max_epochs
+        message = repeated_views_warning(replay.num_views, passes)
+        if message:
+            from mmengine.logging import print_log
+
+            print_log(message, logger="current", level=30)
 
     def before_train_epoch(self, runner) -> None:
         self._set_epoch(runner, runner.epoch)

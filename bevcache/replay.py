@@ -4,8 +4,8 @@ View v (1..K) of dataset index i is the config's *training* pipeline run under o
 from (dataset fingerprint, i, v); every RNG a transform may use (Python's `random`, numpy's global
 RNG, torch's CPU RNG) is seeded for that one call and restored after, so the surrounding run's
 randomness is untouched. Extraction stores the teacher's pooled vector of each view plus a digest
-of the augmented input; training wraps the base dataset in `ReplayViewsDataset`, which picks a
-view per sample per epoch, runs the student's (identical) pipeline under the same seed and tags
+of the augmented input; training wraps the base dataset in `ReplayViewsDataset`, which shows each
+sample's K views once per K epochs, runs the student's (identical) pipeline under the same seed and tags
 the data sample with the view id and digest, so the distiller looks up row [index, view] and can
 prove the student saw the teacher's input. View 0 is the un-augmented (test pipeline) sample.
 """
@@ -37,9 +37,23 @@ def view_seed(fingerprint: str, index: int, view: int) -> int:
 
 
 def pick_view(run_seed: int, epoch: int, index: int, num_views: int) -> int:
-    """The view (1..K) a sample shows in an epoch: uniform over K, fixed by (run seed, epoch, index)."""
-    digest = hashlib.sha256(f"pick:{int(run_seed)}:{int(epoch)}:{int(index)}".encode()).digest()
-    return 1 + int.from_bytes(digest[:8], "big") % num_views
+    """The view (1..K) a sample shows in an epoch: each of its K views once in every K epochs, in an
+    order fixed by (run seed, index, cycle). Drawing with replacement showed a sample only ~64% of its
+    views over K epochs, and any repeat is an augmentation a plain run would have drawn fresh."""
+    cycle, slot = divmod(int(epoch), int(num_views))
+    order = sorted(range(1, int(num_views) + 1), key=lambda v: hashlib.sha256(
+        f"pick:{int(run_seed)}:{cycle}:{int(index)}:{v}".encode()).digest())
+    return order[slot]
+
+
+def repeated_views_warning(num_views: int, passes: int) -> str | None:
+    """What a run of `passes` epochs over K views loses, or None when every epoch has a fresh view."""
+    if passes <= num_views:
+        return None
+    return (f"distillation: {passes} passes over the data but {num_views} augmented views per sample: each view is "
+            f"shown up to {-(-passes // num_views)} times, so a sample has {num_views} distinct augmentations where "
+            f"a plain augmented run draws {passes}; a student can fit so few (pipelines/quality/README.md, 'Views'). "
+            f"Extract the store with --views {passes} or more.")
 
 
 # Camera images are left out of the digest: a LiDAR student replaying a fused teacher's views never

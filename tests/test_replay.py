@@ -81,13 +81,39 @@ def test_seeded_rngs_repeat_inside_and_restore_outside():
     assert draw() == expected_after  # the surrounding run's streams did not move
 
 
-def test_pick_view_is_uniform_deterministic_and_changes_with_epoch():
-    picks = [pick_view(0, 0, i, 4) for i in range(4000)]
-    counts = np.bincount(picks, minlength=5)
-    assert counts[0] == 0 and all(800 <= c <= 1200 for c in counts[1:]), counts
-    assert picks == [pick_view(0, 0, i, 4) for i in range(4000)]
-    assert sum(a != pick_view(0, 1, i, 4) for i, a in enumerate(picks)) > 2500  # ~3/4 change
-    assert sum(a != pick_view(1, 0, i, 4) for i, a in enumerate(picks)) > 2500  # another run seed
+def test_pick_view_shows_every_view_once_per_cycle_in_a_per_sample_order():
+    views, samples = 4, 2000
+    cycles = [[[pick_view(0, cycle * views + slot, i, views) for slot in range(views)] for i in range(samples)]
+              for cycle in range(2)]
+    assert all(sorted(order) == [1, 2, 3, 4] for cycle in cycles for order in cycle)  # no repeat within K epochs
+    counts = np.bincount([order[0] for order in cycles[0]], minlength=5)
+    assert counts[0] == 0 and all(400 <= c <= 600 for c in counts[1:]), counts  # epoch 0: uniform over the views
+    assert sum(a != b for a, b in zip(cycles[0], cycles[1], strict=True)) > 0.9 * samples  # a new order per cycle
+    assert cycles[0] == [[pick_view(0, slot, i, views) for slot in range(views)] for i in range(samples)]
+    other_seed = [pick_view(1, 0, i, views) for i in range(samples)]
+    assert sum(a != order[0] for a, order in zip(other_seed, cycles[0], strict=True)) > 0.6 * samples
+
+
+def test_more_passes_than_views_is_warned_with_the_views_to_extract(views_store, data_root, monkeypatch):
+    from types import SimpleNamespace
+
+    from bevcache.hooks import DistillationHook
+
+    dataset = _train_dataset(build_train_config(TrainOptions(student=REPLAY_STUDENT, data_root=str(data_root),
+                                                             cache=views_store)))
+    find_replay_dataset(dataset).bind(num_views=VIEWS, recorded=None, where=views_store)
+    logged = []
+    monkeypatch.setattr("mmengine.logging.print_log", lambda msg, **kw: logged.append((msg, kw.get("level"))))
+    hook = DistillationHook()
+    loader = SimpleNamespace(dataset=dataset)
+    for epochs in (VIEWS, VIEWS + 1):  # epoch-based: K epochs show each view once, K + 1 repeat one
+        hook._warn_repeated_views(SimpleNamespace(train_dataloader=loader, train_loop=SimpleNamespace(max_epochs=epochs)))
+    hook._iters_per_pass = 5  # iteration-based: the passes are counted from the iterations
+    hook._warn_repeated_views(SimpleNamespace(train_dataloader=loader, train_loop=SimpleNamespace(max_iters=5 * VIEWS)))
+    hook._warn_repeated_views(SimpleNamespace(train_dataloader=loader, train_loop=SimpleNamespace(max_iters=5 * VIEWS + 1)))
+    assert len(logged) == 2 and all(level == 30 for _, level in logged), logged
+    assert all(f"{VIEWS + 1} passes over the data but {VIEWS} augmented views" in msg for msg, _ in logged)
+    assert all(f"--views {VIEWS + 1} or more" in msg for msg, _ in logged)
 
 
 # -- the store ------------------------------------------------------------------------------------

@@ -147,7 +147,8 @@ def print_plan(args: argparse.Namespace) -> None:
         cost = sum(r["seconds"] if r["seconds"] is not None else r["estimate"] for r in mine)
         todo = sum(r["estimate"] for r in mine if r["seconds"] is None)
         total, left = total + cost, left + todo
-        flag = "  ** over 2 h: split it with --only (e.g. seed=0, seed=1, seed=2)" if todo > PIECE_LIMIT else ""
+        split = "step=train, then step=extract" if piece.startswith("teacher-") else "e.g. seed=0, seed=1, seed=2"
+        flag = f"  ** over 2 h: split it with --only ({split})" if todo > PIECE_LIMIT else ""
         print(f"{'':<12} {'= piece ' + piece:<58} {'':<12} {hours(cost):>9} {'left ' + hours(todo):>9}{flag}\n")
     print(f"total {hours(total)}, left {hours(left)}   (* = estimate from measured runs of the same class)")
 

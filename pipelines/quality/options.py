@@ -22,7 +22,8 @@ def parse_args(argv: list[str] | None = None, doc: str = "") -> argparse.Namespa
                    help="What to run: a piece name, 'next' (the first unfinished piece), 'all', or 'report' "
                         "(train nothing, write the report). Without --piece and --plan: 'next'.")
     p.add_argument("--only", default="", help="Within the piece, only the runs matching every key, "
-                                              "e.g. 'seed=0' or 'kind=online,seed=2' (keys: teacher, kind, seed).")
+                                              "e.g. 'seed=0' or 'kind=online,seed=2' (keys: teacher, kind, seed); "
+                                              "a teacher piece: 'step=train' or 'step=extract'.")
     p.add_argument("--plan", action="store_true", help="Print every step and run, its estimated cost, which are "
                                                        "done, and the totals per piece; run nothing.")
     p.add_argument("--train", type=int, default=160, help="Synthetic training samples (= CRD n_data).")
@@ -33,7 +34,9 @@ def parse_args(argv: list[str] | None = None, doc: str = "") -> argparse.Namespa
                    help="Epochs per teacher, e.g. T1=10,T2=8,T3=8 (a validation every --teacher-val-every).")
     p.add_argument("--teacher-val-every", type=int, default=2)
     p.add_argument("--seeds", type=int, default=3, help="Seeds per student variant (0..S-1).")
-    p.add_argument("--views", type=int, default=4, help="K augmented views per sample in every teacher's store.")
+    p.add_argument("--views", type=int, default=None,
+                   help="K augmented views per sample in every teacher's store [default: --epochs, so no "
+                        "student sees a view twice; pipelines/quality/README.md, 'Views'].")
     p.add_argument("--spatial-grid", type=int, default=32,
                    help="BEV grid G x G of the stored maps (T1's 64x64 map pooled 2x2; T2/T3's are 32x32).")
     p.add_argument("--online-of", choices=("auto", "pooled", "spatial"), default="auto",
@@ -60,10 +63,16 @@ def parse_args(argv: list[str] | None = None, doc: str = "") -> argparse.Namespa
         args.only = dict(item.split("=") for item in args.only.split(",") if item)
     except ValueError:
         p.error("--teacher-epochs and --only take key=value items separated by commas")
-    if set(args.teacher_epochs) - set(TEACHERS) or set(args.only) - {"teacher", "kind", "seed"}:
-        p.error(f"unknown keys in --teacher-epochs ({sorted(TEACHERS)}) or --only (teacher, kind, seed)")
+    if set(args.teacher_epochs) - set(TEACHERS) or set(args.only) - {"teacher", "kind", "seed", "step"}:
+        p.error(f"unknown keys in --teacher-epochs ({sorted(TEACHERS)}) or --only (teacher, kind, seed; step for "
+                "a teacher piece)")
+    if "step" in args.only and (args.only["step"] not in ("train", "extract") or len(args.only) > 1
+                                or not str(args.piece).startswith("teacher-")):
+        p.error("--only step=train or step=extract, alone, splits a teacher piece (e.g. --piece teacher-T3)")
     if args.piece not in (None, "next", "all", "report", *PIECES):
         p.error(f"--piece must be next, all, report or one of {', '.join(PIECES)}")
+    if args.views is None:
+        args.views = args.epochs
     if args.views < 1:
         p.error("--views must be >= 1 (the cached variants replay the store's views)")
     if args.quick:

@@ -64,10 +64,15 @@ def require_teacher(args: argparse.Namespace, key: str, piece: str) -> None:
 
 def run_piece(args: argparse.Namespace, piece: str) -> None:
     print(f"[quality] piece {piece}", flush=True)
-    if piece.startswith("teacher-"):
-        key = piece.split("-", 1)[1]
-        teacher(args, key)
-        extract(args, key)
+    if piece.startswith("teacher-"):  # `--only step=train|extract` splits it (T3's two halves are ~1 h each)
+        key, step = piece.split("-", 1)[1], args.only.get("step")
+        if step in (None, "train"):
+            teacher(args, key)
+        if step in (None, "extract"):
+            if not finished_run(teacher_dir(args, key), teacher_sig(args, key)):
+                sys.exit(f"[quality] extracting {key}'s store needs the trained teacher: run "
+                         f"`--piece {piece} --only step=train` first")
+            extract(args, key)
         return
     if piece == "tune":
         if not finished_run(teacher_dir(args, args.tune_teacher), teacher_sig(args, args.tune_teacher)):
