@@ -166,7 +166,7 @@ def test_views_are_read_by_view_number(tmp_path):
     got = open_store(store.url).read_spatial("pts_neck", [3, 3, 3, 9], views=[0, 1, 2, 2])
     np.testing.assert_array_equal(got, np.stack([plain[3], views[3, 0], views[3, 1], views[9, 1]]))
     meta = json.loads((Path(store.url) / "spatial_views" / "pts_neck" / "zarr.json").read_text())
-    assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [4, 2, *GRID]
+    assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [4, 1, *GRID]  # a shard per block and view
     assert meta["codecs"][0]["configuration"]["chunk_shape"] == [1, 1, *GRID]  # one (sample, view) per inner chunk
     assert store.verify() == [] and store.info()["spatial"]["pts_neck"]["bytes_raw"] == 10 * 3 * 8 * 6 * 5 * 2
     with pytest.raises(StoreError, match=r"views must give one view in \[0, 2\]"):
@@ -299,6 +299,39 @@ def test_rewriting_a_complete_spatial_block_replaces_it(tmp_path):
     np.testing.assert_array_equal(got[:4], smooth_maps(10, GRID).astype(np.float16)[:4])
 
 
+
+def test_large_maps_get_shards_bounded_in_bytes_that_never_span_blocks():
+    from bevcache.store.layout import SHARD_BYTES, Layout, shard_rows
+
+    assert shard_rows(256, 512 * 32 * 32 * 2) == 16  # 1 MiB maps: 16 per 16 MiB shard
+    assert shard_rows(100, 1 << 20) == 10 and shard_rows(7, 1 << 20) == 7  # a divisor of the block
+    assert shard_rows(4, SHARD_BYTES * 2) == 1 and shard_rows(4, 480) == 4  # a huge map alone; tiny: block-wide
+    layout = Layout(num_samples=600, chunk_rows=256, dtype="float16", layers={}, views=20, token_width=8,
+                    spatial={"pts_neck": SpatialSpec("pts_neck", 512, 32, 32)})
+    assert layout.expected("spatial_views/pts_neck")[3] == (16, 1, 512, 32, 32)
+    assert layout.expected("spatial/pts_neck")[3] == (16, 512, 32, 32)
+
+def test_a_store_with_block_wide_view_shards_is_still_read_and_resumed(tmp_path):
+    """Stores written before a shard per block and view: one shard per block, (chunk_rows, K, C, h, w)."""
+    from bevcache.store.layout import codecs
+
+    store = make_spatial_store(tmp_path, views=2)
+    for name, shape in SPATIAL.items():
+        path = f"spatial_views/{store.spatial[name].array_name}"
+        old = store.arrays.group[path]
+        store.arrays.group.create_array(path, shape=old.shape, chunks=(1, 1, *shape), shards=(4, 2, *shape),
+                                        dtype=old.dtype, fill_value=np.nan, attributes=dict(old.attrs),
+                                        overwrite=True, **codecs())
+    write_blocks(store, store.blocks()[:2])
+    again = open_store(store.url, mode="r+")
+    write_blocks(again, again.pending_blocks())  # resumed into the old layout
+    views = smooth_maps(10, (2, *GRID), 1).astype(np.float16)
+    np.testing.assert_array_equal(open_store(store.url).read_spatial("pts_neck", [2, 9], views=[1, 2]),
+                                  np.stack([views[2, 0], views[9, 1]]))
+    assert again.verify() == []
+    meta = json.loads((Path(store.url) / "spatial_views" / "pts_neck" / "zarr.json").read_text())
+    assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [4, 2, *GRID]
+
 # ---------------------------------------------------------------------------------------------
 # kill -9 and resume (the child dies through a write observer, tests/fault_injection.py)
 
@@ -318,7 +351,7 @@ KILL_CHILD = textwrap.dedent("""
         def tearing_put(path, value, start=None, exclusive=False):
             if {"spatial", "spatial_views"} & set(path.parts) and "c" in path.parts:
                 seen.append(path)
-                if len(seen) == 1 + 2 * len(%(layers)r):  # a block writes spatial + spatial_views per layer
+                if len(seen) == 1 + %(per_block)d:  # a block writes per layer one spatial shard + one per view
                     data = bytes(value.as_buffer_like())
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_bytes(data[: len(data) // 2])
@@ -327,7 +360,7 @@ KILL_CHILD = textwrap.dedent("""
 
         local._put = tearing_put
     write_blocks(open_store(url, mode="r+"))
-""") % {"layers": list(SPATIAL)}
+""") % {"per_block": (1 + 2) * len(SPATIAL)}  # the stores below have 2 views
 
 
 def run_kill_child(url: str, mode: str, cwd: Path) -> None:
