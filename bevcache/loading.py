@@ -189,7 +189,7 @@ class TeacherRowsDataset:
         return self._opened().read_spatial(layer, np.asarray([row]), views=views)[0]
 
     def __getattr__(self, name: str) -> Any:  # metainfo, get_data_info, get_cat_ids, full_init, ...
-        if name in ("dataset", "_store", "_pid"):
+        if name in ("dataset", "_store", "_pid") or name.startswith("__"):  # e.g. never the inner __setstate__
             raise AttributeError(name)
         return getattr(self.dataset, name)
 

@@ -212,6 +212,15 @@ class ReplayViewsDataset:
         if recorded is not None and self.pipeline_cfg is not None:
             check_same_pipeline(recorded, self.pipeline_cfg, where=where)
 
+    def __setstate__(self, state: dict) -> None:
+        """A copy or unpickled instance keeps the epoch in shared memory. mmengine's Runner deep-copies
+        the loader config, dataset included, before building the loader; a plain copy made the epoch a
+        private tensor, so the loader workers never saw an epoch after the first and showed one view
+        throughout. (Torch's pickler for spawned workers sends the shared tensor itself: kept as is.)"""
+        self.__dict__.update(state)
+        if not self._epoch.is_shared():
+            self._epoch = self._epoch.clone().share_memory_()
+
     def set_epoch(self, epoch: int) -> None:
         self._epoch.fill_(int(epoch))
 
@@ -230,7 +239,7 @@ class ReplayViewsDataset:
         return augmented_sample(self.dataset, int(index), int(view), self.fingerprint)
 
     def __getattr__(self, name: str) -> Any:  # metainfo, get_data_info, get_cat_ids, full_init, ...
-        if name in ("dataset", "_epoch"):
+        if name in ("dataset", "_epoch") or name.startswith("__"):  # never the wrapped dataset's protocols
             raise AttributeError(name)
         return getattr(self.dataset, name)
 

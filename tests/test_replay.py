@@ -222,6 +222,36 @@ def test_persistent_workers_follow_the_epoch(views_store, data_root):
     assert replay.epoch == 3
 
 
+def test_a_runner_with_persistent_workers_shows_every_view_over_the_epochs(views_store, data_root, tmp_path):
+    """Through Runner.from_cfg, which deep-copies the loader config (dataset included) before the
+    workers fork: each epoch's views must reach them (they once stayed at epoch 0's views)."""
+    from mmengine.hooks import Hook
+    from mmengine.runner import Runner
+
+    cfg = build_train_config(TrainOptions(student=REPLAY_STUDENT, data_root=str(data_root), cache=views_store,
+                                          work_dir=str(tmp_path), max_epochs=VIEWS))
+    cfg.train_dataloader.update(num_workers=1, persistent_workers=True, batch_size=4)
+    cfg.update(val_cfg=None, val_dataloader=None, val_evaluator=None)
+    cfg.default_hooks.checkpoint = dict(type="CheckpointHook", interval=1000)
+
+    class ViewsPerEpoch(Hook):
+        def __init__(self):
+            self.views: dict[int, dict[int, int]] = {}
+
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+            for s in data_batch["data_samples"]:
+                self.views.setdefault(runner.epoch, {})[s.metainfo["sample_idx"]] = s.metainfo[VIEW_META]
+
+    runner = Runner.from_cfg(cfg)
+    rec = ViewsPerEpoch()
+    runner.register_hook(rec)
+    runner.train()
+    replay = find_replay_dataset(runner.train_dataloader.dataset)
+    assert sorted(rec.views) == list(range(VIEWS))
+    for epoch, views in rec.views.items():
+        assert views == {i: pick_view(replay.seed, epoch, i, VIEWS) for i in views}
+    assert all(sorted(rec.views[e][i] for e in range(VIEWS)) == list(range(1, VIEWS + 1)) for i in rec.views[0])
+
 def test_cached_replay_training_equals_online_training_on_the_same_augmented_batches(
         views_store, data_root, teacher_ckpt, tmp_path):  # noqa: F811
     cached_runner, cached = run(short_run(build_train_config(TrainOptions(
