@@ -52,8 +52,8 @@ def repeated_views_warning(num_views: int, passes: int) -> str | None:
         return None
     return (f"distillation: {passes} passes over the data but {num_views} augmented views per sample: each view is "
             f"shown up to {-(-passes // num_views)} times, so a sample has {num_views} distinct augmentations where "
-            f"a plain augmented run draws {passes}; a student can fit so few (pipelines/quality/README.md, 'Views'). "
-            f"Extract the store with --views {passes} or more.")
+            f"a plain augmented run draws {passes}. Extract the store with --views {passes} or more for the same "
+            "variety.")
 
 
 # Camera images are left out of the digest: a LiDAR student replaying a fused teacher's views never
