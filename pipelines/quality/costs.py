@@ -26,7 +26,15 @@ import argparse
 import statistics
 
 from matrix import PIECES, TEACHERS, piece_runs
-from steps import finished_run, load_marker, store_path, store_sig, teacher_dir, teacher_sig
+from steps import (
+    finished_run,
+    load_marker,
+    record_path,
+    store_path,
+    store_sig,
+    teacher_dir,
+    teacher_sig,
+)
 
 LOADED = 2.75
 STUDENT = 0.79 / 4
@@ -84,18 +92,18 @@ def rows(args: argparse.Namespace) -> list[dict]:
     for piece in PIECES:
         if piece.startswith("teacher-"):
             key = piece.split("-")[1]
-            rec = finished_run(teacher_dir(args, key), teacher_sig(args, key))
+            rec = finished_run(args, teacher_dir(args, key), teacher_sig(args, key))
             add(piece, f"train {TEACHERS[key].label}, {args.teacher_epochs[key]} epochs",
                 "done" if rec else "todo", teacher_seconds(args, key), piece, rec and rec["seconds"])
             store = store_path(args, key)
-            rec = load_marker(store.with_suffix(".json"), store_sig(args, key))
+            rec = load_marker(record_path(args, store), store_sig(args, key))
             add(piece, f"extract {key} (K={args.views}, maps {args.spatial_grid}x{args.spatial_grid})",
                 "done" if rec else "todo", extract_seconds(args, key, args.train), f"extract-{key}",
                 rec and rec["seconds"])
         elif piece == "tune":
             key = args.tune_teacher
             store = store_path(args, key, tune_dir(args))
-            rec = load_marker(store.with_suffix(".json"), store_sig(args, key, "heldout"))
+            rec = load_marker(record_path(args, store), store_sig(args, key, "heldout"))
             add(piece, f"extract {key} over the fit split", "done" if rec else "todo",
                 extract_seconds(args, key, held["fit_samples"]), "extract-tune", rec and rec["seconds"])
             results = tune_finished(args)
@@ -105,7 +113,7 @@ def rows(args: argparse.Namespace) -> list[dict]:
                 for settings in stage:
                     for seed in range(args.tune_seeds):
                         name = point_name(settings)
-                        rec = finished_run(tune_dir(args) / "runs" / f"{name}-seed{seed}",
+                        rec = finished_run(args, tune_dir(args) / "runs" / f"{name}-seed{seed}",
                                            point_sig(args, settings, seed))
                         add(piece, f"tune {name} seed {seed}", "done" if rec else "todo",
                             student_seconds(args, "plain" if settings is None else "spatial", None,

@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None = None, doc: str = "") -> argparse.Namespa
     p.add_argument("--out", default=None, help="Work dir [default: work_dirs/quality, or work_dirs/quality-quick].")
     p.add_argument("--report-dir", default=None,
                    help="Report dir [default: docs/quality, or <out>/report with --quick].")
+    p.add_argument("--records", default=None,
+                   help="Where each finished step's record (and each teacher's weights) goes: the matrix's "
+                        "state, committed so a fresh clone resumes [default: <report-dir>/records].")
     p.add_argument("--allow-dirty", action="store_true",
                    help="Train on a tree with local changes (each run records it; the report flags it).")
     p.add_argument("--quick", action="store_true",
@@ -81,6 +84,7 @@ def parse_args(argv: list[str] | None = None, doc: str = "") -> argparse.Namespa
         args.teacher_val_every = 1
     args.out = Path(args.out or REPO / "work_dirs" / ("quality-quick" if args.quick else "quality")).resolve()
     args.report_dir = Path(args.report_dir or (args.out / "report" if args.quick else REPO / "docs" / "quality")).resolve()
+    args.records = Path(args.records or args.report_dir / "records").resolve()
     tag = "quick-" if args.quick else ""
     args.data = Path(args.data or REPO / "data" / f"quality-{tag}cam-{args.train}-{args.val}-s{args.data_seed}").resolve()
     return args

@@ -27,12 +27,12 @@ def provenance(records: list[dict]) -> tuple[list[str], bool]:
     for r in records:
         g = r.get("git") or {"short": "unrecorded", "clean": False}
         what = r.get("what") or r.get("store") or "?"
-        commits.setdefault(g["short"], []).append(what)
+        commits.setdefault(g.get("code_short", g["short"]), []).append(what)  # HEAD moves as records land
         if not g["clean"]:
             dirty.append(what)
     clean = len(commits) == 1 and not dirty and "unrecorded" not in commits
     if clean:
-        return [f"Every step ran at commit `{next(iter(commits))}` on a clean tree."], True
+        return [f"Every step ran the code of commit `{next(iter(commits))}` on a clean tree."], True
     lines = ["**WARNING: NOT ONE CLEAN MEASUREMENT.** "
              + (f"The runs span {len(commits)} commits: "
                 + "; ".join(f"`{c}` ({len(w)} steps)" for c, w in commits.items()) + ". " if len(commits) > 1 else "")
@@ -230,11 +230,11 @@ def write_report(args: argparse.Namespace, teachers: dict, runs: dict[str, list[
         for r in rs:
             g = r.get("git") or {}
             md.append(f"| {variant} | {r['seed']} | {r['final']['mAP']:.4f} | {r['final']['NDS']:.4f} | "
-                      f"{r['seconds']:.0f} | {g.get('short', '?')}{'' if g.get('clean') else ' dirty'} | "
+                      f"{r['seconds']:.0f} | {g.get('code_short', g.get('short', '?'))}{'' if g.get('clean') else ' dirty'} | "
                       + " ".join(f"{h['mAP']:.3f}" for h in r["history"]) + " |")
     md += ["", "## Cost plan at the time of this report", "", "```", *plan_lines, "```", "",
            f"Report written at commit {state['short']} by `pipelines/quality/run.py --piece report` "
-           f"(finished runs under `{rel(args.out)}`)."]
+           f"(records under `{rel(args.records)}`)."]
     (args.report_dir / "report.md").write_text("\n".join(md) + "\n")
     results = {"settings": {k: (rel(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                "git": state, "clean_measurement": clean, "teachers": teachers, "runs": runs,

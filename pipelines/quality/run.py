@@ -45,9 +45,11 @@ from steps import (  # noqa: E402
     extract,
     finished_run,
     load_marker,
+    record_path,
     store_path,
     store_sig,
     teacher,
+    teacher_checkpoint,
     teacher_dir,
     teacher_sig,
 )
@@ -55,11 +57,19 @@ from tuning import finished as tune_finished  # noqa: E402
 from tuning import run_tune, selection  # noqa: E402
 
 
-def require_teacher(args: argparse.Namespace, key: str, piece: str) -> None:
-    done = finished_run(teacher_dir(args, key), teacher_sig(args, key)) and \
-        load_marker(store_path(args, key).with_suffix(".json"), store_sig(args, key))
-    if not done:
+def trained(args: argparse.Namespace, key: str) -> bool:
+    """Teacher `key` has a record and its weights (both committed under --records)."""
+    return bool(finished_run(args, teacher_dir(args, key), teacher_sig(args, key))) and \
+        Path(teacher_checkpoint(args, key)).is_file()
+
+
+def require_teacher(args: argparse.Namespace, key: str, piece: str, *, store: bool) -> None:
+    """The piece's teacher, and for a cached piece its store (extracted again from the recorded
+    weights when this clone does not have it)."""
+    if not trained(args, key) or not load_marker(record_path(args, store_path(args, key)), store_sig(args, key)):
         sys.exit(f"[quality] {piece} needs teacher {key} and its store: run `--piece teacher-{key}` first")
+    if store:
+        extract(args, key)
 
 
 def run_piece(args: argparse.Namespace, piece: str) -> None:
@@ -69,29 +79,33 @@ def run_piece(args: argparse.Namespace, piece: str) -> None:
         if step in (None, "train"):
             teacher(args, key)
         if step in (None, "extract"):
-            if not finished_run(teacher_dir(args, key), teacher_sig(args, key)):
+            if not trained(args, key):
                 sys.exit(f"[quality] extracting {key}'s store needs the trained teacher: run "
                          f"`--piece {piece} --only step=train` first")
             extract(args, key)
         return
     if piece == "tune":
-        if not finished_run(teacher_dir(args, args.tune_teacher), teacher_sig(args, args.tune_teacher)):
+        if not trained(args, args.tune_teacher):
             sys.exit(f"[quality] tune needs teacher {args.tune_teacher}: run `--piece teacher-{args.tune_teacher}` first")
         run_tune(args)
         return
+    todo = [run for run in piece_runs(piece, args.seeds)
+            if selected(run, args.only) and record(args, run)[1] != "done"]
+    if not todo:
+        print(f"[quality] {piece}: every selected run is done", flush=True)
+        return
     if piece != "plain":
-        require_teacher(args, piece.split("-")[0], piece)
-    for run in piece_runs(piece, args.seeds):
-        if selected(run, args.only):
-            run_student(args, run)
+        require_teacher(args, piece.split("-")[0], piece, store=piece.endswith("-cached"))
+    for run in todo:
+        run_student(args, run)
 
 
 def collect(args: argparse.Namespace) -> tuple[dict, dict, dict]:
     """Every finished teacher, store, student run and tuning point, for the report."""
     teachers = {}
     for key in TEACHERS:
-        teachers[key] = {"record": finished_run(teacher_dir(args, key), teacher_sig(args, key)),
-                         "store": load_marker(store_path(args, key).with_suffix(".json"), store_sig(args, key))}
+        teachers[key] = {"record": finished_run(args, teacher_dir(args, key), teacher_sig(args, key)),
+                         "store": load_marker(record_path(args, store_path(args, key)), store_sig(args, key))}
     runs: dict[str, list[dict]] = {}
     for piece in PIECES:
         for run in piece_runs(piece, args.seeds):

@@ -58,7 +58,7 @@ def run_sig(args: argparse.Namespace, run: Run, spatial: dict | None, mirror: st
 
 def finished(args: argparse.Namespace, run: Run, spatial: dict | None, mirror: str | None = None) -> dict | None:
     sig = run_sig(args, run, spatial, mirror)
-    return finished_run(run_dir(args, run), sig) if sig else None
+    return finished_run(args, run_dir(args, run), sig) if sig else None
 
 
 def record(args: argparse.Namespace, run: Run) -> tuple[dict | None, str]:
@@ -70,7 +70,7 @@ def record(args: argparse.Namespace, run: Run) -> tuple[dict | None, str]:
     sig = run_sig(args, run, spatial, mirror)
     if sig is None:
         return None, "blocked (tune unfinished: the spatial settings)"
-    done = finished_run(run_dir(args, run), sig)
+    done = finished_run(args, run_dir(args, run), sig)
     return done, "done" if done else "todo"
 
 

@@ -1,9 +1,13 @@
 """The recipe's steps (data, teacher training, extraction, student runs), each resumable.
 
-A finished step leaves a marker (`quality_run.json` in a run's work dir, `<store>.json` beside a
-store) holding its settings signature, metrics, wall clock and the commit it ran at. A step whose
-marker matches is reused; an unfinished or outdated one is deleted and run again from scratch, so
-every recorded wall clock is one uninterrupted run.
+A finished step leaves a record under `--records` (committed: docs/quality/records by default), at
+the step's path relative to `--out` (`teachers/T1.json`, `runs/T3-spatial-seed0.json`,
+`stores/T1-views20-spatial32.json`, ...), holding its settings signature, metrics, wall clock and
+the commit it ran at; a trained teacher also leaves its weights there (`teachers/T1.pth`). The
+records are the matrix's state: work dirs and stores are scratch, so a fresh clone with the records
+resumes where the last session stopped (a missing store is extracted again from the recorded
+teacher weights). A step whose record matches is reused; an unfinished or outdated one is deleted
+and run again from scratch, so every recorded wall clock is one uninterrupted run.
 """
 
 from __future__ import annotations
@@ -23,8 +27,6 @@ from common import REPO, bevcache, class_ap, git_state, val_history
 from matrix import CLASSES, STUDENT_CFG, TEACHERS
 from options import iters_per_epoch
 
-MARKER = "quality_run.json"
-
 
 def signature(**parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -34,6 +36,18 @@ def rel(path: str | Path) -> str:
     """A path as committed outputs hold it: relative to the repository when inside it."""
     path = Path(path).resolve()
     return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+def record_path(args: argparse.Namespace, step_dir: Path, suffix: str = ".json") -> Path:
+    """Where the record of the step working in `step_dir` (a path under --out) lives."""
+    step = Path(step_dir).resolve().relative_to(args.out)
+    return args.records / step.parent / (step.name.removesuffix(".zarr") + suffix)
+
+
+def write_record(args: argparse.Namespace, step_dir: Path, record: dict) -> None:
+    path = record_path(args, step_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def load_marker(marker: Path, sig: str) -> dict | None:
@@ -50,7 +64,18 @@ def tree_state(args: argparse.Namespace) -> dict:
     if not state["clean"] and not (args.allow_dirty or args.quick):
         sys.exit(f"[quality] the tree has local changes ({state['dirty_files']}): a measurement must name one "
                  "commit. Run from a clean worktree (`git worktree add ../quality-wt HEAD`) or pass --allow-dirty.")
-    return {k: state[k] for k in ("commit", "short", "clean", "dirty_files")}
+    return {**{k: state[k] for k in ("commit", "short", "clean", "dirty_files")}, **code_commit()}
+
+
+def code_commit() -> dict:
+    """The commit the code a step runs was last changed at. Sessions commit the records (and docs)
+    between pieces, which moves HEAD but not what is measured; a change to anything but docs/ and
+    Markdown does, and then the report sees two code commits."""
+    import subprocess
+
+    out = subprocess.run(["git", "log", "-1", "--format=%H %h", "--", ".", ":(exclude)docs", ":(exclude)*.md"],
+                         cwd=REPO, capture_output=True, text=True).stdout.split()
+    return {"code_commit": out[0], "code_short": out[1]} if len(out) == 2 else {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,14 +145,14 @@ def epoch_times(work_dir: Path, iterations: int) -> dict[int, float]:
     return {e: statistics.fmean(t) * iterations for e, t in sorted(per_epoch.items())}
 
 
-def finished_run(work_dir: Path, sig: str) -> dict | None:
-    return load_marker(work_dir / MARKER, sig)
+def finished_run(args: argparse.Namespace, work_dir: Path, sig: str) -> dict | None:
+    return load_marker(record_path(args, work_dir), sig)
 
 
 def train_run(args: argparse.Namespace, work_dir: Path, sig: str, train_args: list[str], what: str, *,
               data: Path | None = None, samples: int | None = None) -> dict:
-    """`bevcache train` into work_dir unless a matching finished run is there; returns its record."""
-    done = finished_run(work_dir, sig)
+    """`bevcache train` into work_dir unless a matching record is there; returns its record."""
+    done = finished_run(args, work_dir, sig)
     if done:
         print(f"[quality] {what}: done before, reused ({rel(work_dir)})", flush=True)
         return done
@@ -146,7 +171,7 @@ def train_run(args: argparse.Namespace, work_dir: Path, sig: str, train_args: li
               "class_ap": class_ap(work_dir, CLASSES),
               "train_seconds_per_epoch": epoch_times(work_dir, iters_per_epoch(args, samples)),
               "git": state, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    (work_dir / MARKER).write_text(json.dumps(record, indent=2))
+    write_record(args, work_dir, record)
     return record
 
 
@@ -165,17 +190,36 @@ def teacher_dir(args: argparse.Namespace, key: str) -> Path:
 
 
 def teacher(args: argparse.Namespace, key: str) -> tuple[dict, str]:
-    """Train teacher `key` (plain, its own augmented pipeline); returns its record and checkpoint."""
-    cfg, epochs = TEACHERS[key].config, args.teacher_epochs[key]
-    record = train_run(args, teacher_dir(args, key), teacher_sig(args, key),
+    """Train teacher `key` (plain, its own augmented pipeline); returns its record and weights."""
+    cfg, epochs, work_dir = TEACHERS[key].config, args.teacher_epochs[key], teacher_dir(args, key)
+    weights, exported = Path(teacher_checkpoint(args, key)), work_dir / "student_weights.pth"
+    if not weights.is_file() and finished_run(args, work_dir, teacher_sig(args, key)) and not exported.is_file():
+        sys.exit(f"[quality] {rel(record_path(args, work_dir))} records teacher {key} as trained but its weights "
+                 f"{rel(weights)} are missing: restore them from git, or delete the record to train it again.")
+    record = train_run(args, work_dir, teacher_sig(args, key),
                        ["--student", cfg, "--plain",
                         *schedule_options(args, epochs, min(args.teacher_val_every, epochs), 0, cfg)],
                        f"teacher {TEACHERS[key].label}, {epochs} epochs")
-    return record, teacher_checkpoint(args, key)
+    if not weights.is_file():
+        publish_weights(exported, weights, key, teacher_sig(args, key))
+    return record, str(weights)
+
+
+def publish_weights(exported: Path, out: Path, key: str, sig: str) -> None:
+    """The trained teacher's weights beside its record (weights only, no optimizer: what extraction
+    and an online teacher load), so a later session extracts from the very same teacher."""
+    from mmengine.runner import save_checkpoint
+
+    from bevcache.teacher import load_checkpoint_file
+
+    state = load_checkpoint_file(exported)["state_dict"]
+    tmp = out.with_suffix(".tmp")
+    save_checkpoint({"state_dict": state, "meta": {"teacher": key, "signature": sig}}, str(tmp))
+    tmp.replace(out)
 
 
 def teacher_checkpoint(args: argparse.Namespace, key: str) -> str:
-    return (teacher_dir(args, key) / "last_checkpoint").read_text().strip()
+    return str(record_path(args, teacher_dir(args, key), ".pth"))
 
 
 def store_sig(args: argparse.Namespace, key: str, data_tag: str = "") -> str:
@@ -187,6 +231,15 @@ def store_path(args: argparse.Namespace, key: str, where: Path | None = None) ->
     return (where or args.out / "stores") / f"{key}-views{args.views}-spatial{args.spatial_grid}.zarr"
 
 
+def store_complete(store: Path) -> bool:
+    from bevcache.store import open_store
+
+    try:
+        return bool(open_store(str(store)).info()["complete"])
+    except Exception:  # absent, or not a store (an interrupted first write)
+        return False
+
+
 def extract(args: argparse.Namespace, key: str, *, data: Path | None = None, where: Path | None = None,
             data_tag: str = "") -> tuple[dict, Path]:
     """One store per teacher: its pooled pts_neck and the G x G map, for the sample and K augmented
@@ -194,12 +247,13 @@ def extract(args: argparse.Namespace, key: str, *, data: Path | None = None, whe
     from bevcache.store import open_store
 
     store = store_path(args, key, where)
-    marker = store.with_suffix(".json")
     sig = store_sig(args, key, data_tag)
-    done = load_marker(marker, sig)
-    if done and store.exists():
+    done = load_marker(record_path(args, store), sig)
+    if done and store_complete(store):
         print(f"[quality] extract {key}: done before, reused ({rel(store)})", flush=True)
         return done, store
+    if done:  # a fresh clone: same teacher weights, same views, so the same store; the first record stays
+        print(f"[quality] extract {key}: recorded, but {rel(store)} is not here: extracting it again", flush=True)
     state = tree_state(args)
     store.parent.mkdir(parents=True, exist_ok=True)
     print(f"[quality] extract {key}'s pts_neck, K={args.views} views, maps {args.spatial_grid}x{args.spatial_grid} "
@@ -208,10 +262,12 @@ def extract(args: argparse.Namespace, key: str, *, data: Path | None = None, whe
                        "--out", str(store), "--data-root", str(data or args.data), "--overwrite",
                        "--views", str(args.views), "--spatial", f"pts_neck={args.spatial_grid}",
                        log_file=args.out / "logs" / f"extract-{store.stem}.log")
+    if done:
+        return done, store
     record = {"signature": sig, "seconds": seconds, "store": rel(store), "views": args.views,
               "spatial_grid": args.spatial_grid, "bytes_on_disk": open_store(str(store)).info()["bytes_on_disk"],
               "git": state}
-    marker.write_text(json.dumps(record, indent=2))
+    write_record(args, store, record)
     return record, store
 
 

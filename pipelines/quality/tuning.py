@@ -110,7 +110,7 @@ def finished(args: argparse.Namespace) -> dict[str, list[dict]]:
             for settings in stage:
                 name = point_name(settings)
                 results[name] = [{**r, "seed": s} for s in range(args.tune_seeds)
-                                 if (r := finished_run(tune_dir(args) / "runs" / f"{name}-seed{s}",
+                                 if (r := finished_run(args, tune_dir(args) / "runs" / f"{name}-seed{s}",
                                                        point_sig(args, settings, s)))]
     return results
 
@@ -159,7 +159,7 @@ def write_doc(args: argparse.Namespace, summary: dict, results: dict[str, list[d
     state = git_state(own_outputs=args.report_dir)
     plain = results.get("plain") or []
     ref = statistics.fmean(score(r) for r in plain) if plain else float("nan")
-    commits = sorted({r["git"]["short"] + ("" if r["git"]["clean"] else " (dirty)")
+    commits = sorted({r["git"].get("code_short", r["git"]["short"]) + ("" if r["git"]["clean"] else " (dirty)")
                       for rs in results.values() for r in rs})
     md = ["# Spatial distillation settings, chosen on a held-out split" + (" (QUICK SMOKE RUN)" if args.quick else ""),
           "", "Written by `pipelines/quality/run.py --piece tune` (`pipelines/quality/tuning.py`). "

@@ -1,0 +1,92 @@
+"""The quality matrix resumes on a fresh clone from its committed records (pipelines/quality).
+
+Sessions lose their work dirs and stores; what is committed is `docs/quality/records`. A teacher
+piece run once, then its work dir thrown away, must still count as done, hand the very same
+weights to the next step, and rebuild the store it needs from them without rewriting the record.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from .conftest import REPO
+
+RUN = REPO / "pipelines" / "quality" / "run.py"
+
+
+def quality(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(RUN), "--quick", "--out", str(tmp_path / "out"), "--records", str(tmp_path / "records"),
+           "--report-dir", str(tmp_path / "report"), "--data", str(tmp_path / "data"), *args]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def plan_status(tmp_path) -> dict[str, str]:
+    """--plan's status per teacher-T1 step ('train ...' / 'extract ...'): its fixed-width column."""
+    out = quality(tmp_path, "--plan").stdout
+    return {line.split()[1]: line[72:84].strip() for line in out.splitlines() if line.startswith("teacher-T1 ")}
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("quality")
+    quality(tmp, "--piece", "teacher-T1")
+    return tmp
+
+
+def test_a_finished_teacher_piece_leaves_records_and_safe_weights(recorded):
+    from bevcache.teacher import load_checkpoint_file
+
+    records = recorded / "records"
+    teacher = json.loads((records / "teachers" / "T1.json").read_text())
+    store = json.loads((records / "stores" / "T1-views1-spatial32.json").read_text())
+    assert teacher["history"] and teacher["git"]["code_commit"]
+    assert store["views"] == 1 and store["seconds"] > 0
+    weights = load_checkpoint_file(records / "teachers" / "T1.pth")  # weights-only: nothing that runs code
+    assert set(weights) == {"state_dict", "meta"} and weights["meta"]["signature"] == teacher["signature"]
+
+
+def snapshot(path) -> dict[str, np.ndarray]:
+    """Every kind of content of a 1-view store: pooled rows and views, maps, view digests."""
+    from bevcache.store import open_store
+
+    store = open_store(str(path))
+    rows = np.arange(store.num_samples)
+    return {"pooled": store.read_table("pts_neck").numpy(), "pooled views": store.read_table("pts_neck", views=True).numpy(),
+            "maps": store.read_spatial("pts_neck", rows), "view maps": store.read_spatial("pts_neck", rows, np.ones_like(rows)),
+            "digests": store.read_digests()}
+
+
+def test_a_fresh_clone_resumes_from_the_records_and_rebuilds_the_store(recorded):
+    store = recorded / "out" / "stores" / "T1-views1-spatial32.zarr"
+    before = snapshot(store)
+    record = recorded / "records" / "stores" / "T1-views1-spatial32.json"
+    recorded_text = record.read_text()
+    shutil.rmtree(recorded / "out")  # what a new session has: the records only
+
+    assert plan_status(recorded) == {"train": "done", "extract": "done"}
+    proc = quality(recorded, "--piece", "teacher-T1")
+    assert "teacher" in proc.stdout and "done before, reused" in proc.stdout
+    assert "is not here: extracting it again" in proc.stdout
+    assert not (recorded / "out" / "teachers" / "T1").exists(), "the recorded teacher was trained again"
+    after = snapshot(store)
+    for name in before:
+        np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+    assert record.read_text() == recorded_text, "the first extraction's record was rewritten"
+
+
+def test_a_record_without_its_weights_is_refused(recorded, tmp_path):
+    shutil.copytree(recorded / "records", tmp_path / "records")
+    (tmp_path / "records" / "teachers" / "T1.pth").unlink()
+    cmd = [sys.executable, str(RUN), "--quick", "--out", str(tmp_path / "out"), "--records", str(tmp_path / "records"),
+           "--report-dir", str(tmp_path / "report"), "--data", str(recorded / "data"), "--piece", "teacher-T1"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "weights" in proc.stderr and "T1.pth" in proc.stderr and "Traceback" not in proc.stderr
