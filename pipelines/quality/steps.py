@@ -67,13 +67,17 @@ def tree_state(args: argparse.Namespace) -> dict:
     return {**{k: state[k] for k in ("commit", "short", "clean", "dirty_files")}, **code_commit()}
 
 
+# What a step executes. Sessions commit records, docs, tests and benchmarks between pieces, which
+# moves HEAD but not what is measured; a change here does, and then the report sees two code commits.
+CODE_PATHS = ("bevcache", "bevcache_cli.py", "configs", "pipelines", "pyproject.toml", "requirements", "scripts",
+              "Makefile", ":(exclude)*.md")
+
+
 def code_commit() -> dict:
-    """The commit the code a step runs was last changed at. Sessions commit the records (and docs)
-    between pieces, which moves HEAD but not what is measured; a change to anything but docs/ and
-    Markdown does, and then the report sees two code commits."""
+    """The commit the code a step runs (CODE_PATHS) was last changed at."""
     import subprocess
 
-    out = subprocess.run(["git", "log", "-1", "--format=%H %h", "--", ".", ":(exclude)docs", ":(exclude)*.md"],
+    out = subprocess.run(["git", "log", "-1", "--format=%H %h", "--", *CODE_PATHS],
                          cwd=REPO, capture_output=True, text=True).stdout.split()
     return {"code_commit": out[0], "code_short": out[1]} if len(out) == 2 else {}
 
