@@ -31,8 +31,9 @@ bench: setup
 	$(PY) benchmarks/run_all.py
 
 # The quality matrix (issue 18) in resumable pieces of under 2 h on 2 cores: each call runs the next
-# unfinished piece (PIECE=all: every piece, ~12 h; PIECE=report: only the report), then rewrites
-# docs/quality/report.md. `$(PY) pipelines/quality/run.py --plan` lists every run, its cost, what is done.
+# unfinished piece (PIECE=all: every piece, ~18 h on the faster of the 2-core machines seen so far;
+# PIECE=report: only the report), then rewrites docs/quality/report.md.
+# `$(PY) pipelines/quality/run.py --plan` lists every run, its cost, what is done.
 PIECE ?= next
 quality: setup
 	$(PY) pipelines/quality/run.py --plan

@@ -12,11 +12,20 @@ import sys
 from pathlib import Path
 
 from common import git_state
+from machines import (
+    describe,
+    load_ledger,
+    machine_of,
+    reextracted_seconds,
+    relative_cost,
+    seconds_per_epoch_by_machine,
+)
 from matrix import CACHED, CLASSES, CUE, KIND_LABELS, STUDENT_CFG, TEACHERS
 from stats import aggregate, compare, diff_text, fmt_ms, mean_std, verdict
 from steps import rel
 
 PLATEAU = 0.01  # mean mAP gain over the last 3 epochs below this: no longer rising
+SIDE_BY_SIDE = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "train_step.json"
 
 
 def provenance(records: list[dict]) -> tuple[list[str], bool]:
@@ -50,8 +59,47 @@ def curve_rise(agg: dict) -> float:
     return curve[epochs[-1]]["mAP"][0] - curve[back]["mAP"][0]
 
 
+def seconds_text(ledger: list[dict], runs: list[dict]) -> str:
+    """Training seconds per epoch, mean ± std over runs, one group per machine (never pooled across)."""
+    groups = seconds_per_epoch_by_machine(ledger, runs)
+    return "; ".join(f"{fmt_ms(mean_std(xs), 0)} ({m})" for m, xs in groups.items()) or "-"
+
+
+def cost_lines(ledger: list[dict], runs: dict[str, list[dict]], names: dict[str, str], trec: dict,
+               srec: dict | None) -> list[str]:
+    """Each variant's seconds per epoch against plain augmented run on the same machine."""
+    md = ["- Training seconds per epoch (validation excluded), each against plain augmented on the same "
+          "machine (two 2-core machines differ up to ~1.9x, so no ratio is taken across machines; "
+          "`machines.json` in the records says which machine ran what):"]
+    for kind, variant in names.items():
+        if kind == "plain" or not runs.get(variant):
+            continue
+        rel_cost = relative_cost(ledger, runs.get("plain", []), runs[variant])
+        if rel_cost:
+            md.append(f"  - {KIND_LABELS[kind]}: " + "; ".join(
+                f"{mo:.0f} s vs {mb:.0f} s = **{ratio:.2f}x** on {describe(ledger, m)}"
+                for m, (mb, mo, ratio) in rel_cost.items()) + ".")
+        else:
+            ran_on = ", ".join(seconds_per_epoch_by_machine(ledger, runs[variant]))
+            md.append(f"  - {KIND_LABELS[kind]}: no plain run on its machine ({ran_on}): no ratio.")
+    if SIDE_BY_SIDE.is_file():
+        bench = json.loads(SIDE_BY_SIDE.read_text())
+        ratios = {k: v["of_medians"] for k, v in bench.get("ratios", {}).items()}
+        if ratios:
+            md.append(f"- Side by side in one process (`benchmarks/bench_train_step.py`, tiny pair, "
+                      f"{bench['machine'].get('cpu_model', '?')}, commit {bench['machine'].get('git', {}).get('commit', '?')[:7]}): "
+                      + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items())
+                      + " per training step (spatial maps: `spatial_step.json`; the fused teacher: `fused.json`).")
+    if srec:
+        again = reextracted_seconds(ledger, srec.get("record_id", ""))
+        md.append(f"- One-off: the teacher ({trec['seconds']:.0f} s, {machine_of(ledger, trec.get('record_id', ''))}) "
+                  f"and its extraction ({srec['seconds']:.0f} s, {machine_of(ledger, srec.get('record_id', ''))}"
+                  + "".join(f"; {sec:.0f} s extracted again on {m}" for m, sec in again) + ").")
+    return md
+
+
 def teacher_section(args: argparse.Namespace, key: str, t: dict, runs: dict[str, list[dict]],
-                    tuning: dict | None) -> tuple[list[str], dict]:
+                    tuning: dict | None, ledger: list[dict]) -> tuple[list[str], dict]:
     """The table and the three answers for one teacher."""
     trec, srec = t.get("record"), t.get("store")
     names = {"plain": "plain", **{k: f"{key}-{k}" for k in (*CACHED, "online")}}
@@ -62,10 +110,9 @@ def teacher_section(args: argparse.Namespace, key: str, t: dict, runs: dict[str,
     mirror = next((r.get("mirror") for r in runs.get(names["online"], []) if r.get("mirror")), None)
     md += ["| model | seeds | mAP (final) | NDS | bicycle AP | motorcycle AP | mAP rise, last 3 epochs | "
            "train s/epoch | wall per run |", "|---|---|---|---|---|---|---|---|---|"]
-    tspe = mean_std(list(trec["train_seconds_per_epoch"].values()))
     md.append(f"| teacher {key} | 1 | {trec['final']['mAP']:.4f} | {trec['final']['NDS']:.4f} | "
               f"{trec['class_ap']['bicycle']:.4f} | {trec['class_ap']['motorcycle']:.4f} | - | "
-              f"{fmt_ms(tspe, 0)} | {trec['seconds']:.0f} s |")
+              f"{seconds_text(ledger, [trec])} | {trec['seconds']:.0f} s |")
     for kind, a in agg.items():
         label = KIND_LABELS[kind] + (f" (mirrors {mirror})" if kind == "online" and mirror else "")
         rise = curve_rise(a)
@@ -73,7 +120,7 @@ def teacher_section(args: argparse.Namespace, key: str, t: dict, runs: dict[str,
         md.append(f"| {label} | {a['n']} | {fmt_ms(a['mAP'])} | {fmt_ms(a['NDS'])} | "
                   f"{fmt_ms(a['class_ap'].get('bicycle', (math.nan, math.nan)))} | "
                   f"{fmt_ms(a['class_ap'].get('motorcycle', (math.nan, math.nan)))} | "
-                  f"{rise_text} | {fmt_ms(a['train_seconds_per_epoch'], 0)} | {fmt_ms(a['wall_seconds'], 0)} s |")
+                  f"{rise_text} | {seconds_text(ledger, runs[names[kind]])} | {fmt_ms(a['wall_seconds'], 0)} s |")
     if srec:
         md += ["", f"Store: {srec['views']} augmented views + the sample, pooled 512-d and {srec['spatial_grid']}x"
                    f"{srec['spatial_grid']} maps, extracted once in {srec['seconds']:.0f} s "
@@ -96,14 +143,7 @@ def teacher_section(args: argparse.Namespace, key: str, t: dict, runs: dict[str,
                   f"**{'yes, within 2 SE' if ok else verdict(c)}**.")
     else:
         md.append("- Online runs not finished.")
-    md += ["", "**What does each cost per epoch?**"]
-    if "plain" in agg:
-        base = agg["plain"]["train_seconds_per_epoch"][0]
-        md.append("- Training seconds per epoch (validation excluded), relative to plain augmented: "
-                  + ", ".join(f"{KIND_LABELS[k]} {a['train_seconds_per_epoch'][0]:.0f} s ({a['train_seconds_per_epoch'][0] / base:.2f}x)"
-                              for k, a in agg.items()) + ".")
-    if srec:
-        md.append(f"- One-off: the teacher ({trec['seconds']:.0f} s) and its extraction ({srec['seconds']:.0f} s).")
+    md += ["", "**What does each cost per epoch?**", *cost_lines(ledger, runs, names, trec, srec)]
     if not any(wins):
         heading = "No cached variant wins: the ablations." if wins else "The ablations so far (no comparison finished yet)."
         md += ["", f"**{heading}**", ""] + ablations(key, trec, agg, tuning)
@@ -135,7 +175,7 @@ def ablations(key: str, trec: dict, agg: dict, tuning: dict | None) -> list[str]
     return md
 
 
-def plots(report_dir: Path, teachers: dict, runs: dict[str, list[dict]]) -> list[str]:
+def plots(report_dir: Path, teachers: dict, runs: dict[str, list[dict]], ledger: list[dict]) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -157,8 +197,9 @@ def plots(report_dir: Path, teachers: dict, runs: dict[str, list[dict]]) -> list
             (line,) = ax.plot(epochs, mean, marker="o", ms=3, label=KIND_LABELS[kind])
             ax.fill_between(epochs, [m - s for m, s in zip(mean, std, strict=True)],
                             [m + s for m, s in zip(mean, std, strict=True)], alpha=0.15, color=line.get_color())
-            if kind != "plain" or key == keys[0]:
-                bars.append((f"{key if kind != 'plain' else ''} {kind}".strip(), *a["train_seconds_per_epoch"]))
+            if kind != "plain" or key == keys[0]:  # one bar per machine: seconds never pool across machines
+                for machine, xs in seconds_per_epoch_by_machine(ledger, rs).items():
+                    bars.append((f"{key if kind != 'plain' else ''} {kind} [{machine}]".strip(), *mean_std(xs)))
         trec = (teachers.get(key) or {}).get("record")
         if trec:
             ax.axhline(trec["final"]["mAP"], color="k", ls="--", lw=1, label=f"teacher {key}")
@@ -178,7 +219,7 @@ def plots(report_dir: Path, teachers: dict, runs: dict[str, list[dict]]) -> list
                color=[f"C{i % 10}" for i in range(len(bars))])
         ax.set_xticks(range(len(bars)), [b[0] for b in bars], rotation=30, ha="right", fontsize=8)
         ax.set_ylabel("training seconds per epoch")
-        ax.set_title("Cost per epoch (validation excluded; mean ± std over seeds)", fontsize=10)
+        ax.set_title("Cost per epoch by machine (validation excluded; mean ± std over seeds)", fontsize=10)
         fig.tight_layout()
         fig.savefig(report_dir / "time_per_epoch.png", dpi=110)
         plt.close(fig)
@@ -199,10 +240,17 @@ def write_report(args: argparse.Namespace, teachers: dict, runs: dict[str, list[
                      "(pass --allow-dirty to write it flagged, or --report-dir elsewhere)")
     args.report_dir.mkdir(parents=True, exist_ok=True)
     state = git_state(own_outputs=args.report_dir)
-    # The report's own environment, which the pieces inherit when run through this script.
-    threads = os.environ.get("OMP_NUM_THREADS") or f"unset (torch's default, {os.cpu_count()} threads)"
-    policy = os.environ.get("OMP_WAIT_POLICY") or "unset (spinning waits, OpenMP's default)"
-    device = f"CPU, {os.cpu_count()} cores, OMP_NUM_THREADS {threads}, OMP_WAIT_POLICY {policy}"
+    ledger = load_ledger(args.records)
+    if ledger:  # the pieces ran in several sessions, on the machines the ledger lists
+        device = "CPU; " + ", ".join(describe(ledger, f"machine {n}") for n in range(1, len(ledger) + 1))
+        unlisted = [r.get("record_id") or r.get("what", "?") for r in all_records
+                    if machine_of(ledger, r.get("record_id", "")) == "unlisted"]
+        if unlisted:
+            device += f" (the ledger does not name the machine of {len(unlisted)} record(s): {unlisted[:4]})"
+    else:  # one session ran everything: the report's own environment is the pieces'
+        threads = os.environ.get("OMP_NUM_THREADS") or f"unset (torch's default, {os.cpu_count()} threads)"
+        policy = os.environ.get("OMP_WAIT_POLICY") or "unset (spinning waits, OpenMP's default)"
+        device = f"CPU, {os.cpu_count()} cores, OMP_NUM_THREADS {threads}, OMP_WAIT_POLICY {policy}"
     md = ["# bevcache quality report: does distillation beat the plain student?"
           + (" (QUICK SMOKE RUN: not a result)" if args.quick else ""), "", *prov, "",
           *([f"**Partial: {partial} not finished yet** (see the plan at the end).", ""] if partial else []),
@@ -221,16 +269,17 @@ def write_report(args: argparse.Namespace, teachers: dict, runs: dict[str, list[
           "differences; 'beats' means Δ > 2 SE.", ""]
     answers = {}
     for key in TEACHERS:
-        section, answers[key] = teacher_section(args, key, teachers.get(key) or {}, runs, tuning)
+        section, answers[key] = teacher_section(args, key, teachers.get(key) or {}, runs, tuning, ledger)
         md += section
-    files = plots(args.report_dir, teachers, runs) if any(runs.values()) else []
+    files = plots(args.report_dir, teachers, runs, ledger) if any(runs.values()) else []
     md += [f"![{f}]({f})" for f in files]
-    md += ["", "## Per run", "", "| run | seed | mAP | NDS | wall s | commit | mAP by epoch |", "|---|---|---|---|---|---|---|"]
+    md += ["", "## Per run", "", "| run | seed | mAP | NDS | wall s | machine | commit | mAP by epoch |",
+           "|---|---|---|---|---|---|---|---|"]
     for variant, rs in runs.items():
         for r in rs:
             g = r.get("git") or {}
             md.append(f"| {variant} | {r['seed']} | {r['final']['mAP']:.4f} | {r['final']['NDS']:.4f} | "
-                      f"{r['seconds']:.0f} | {g.get('code_short', g.get('short', '?'))}{'' if g.get('clean') else ' dirty'} | "
+                      f"{r['seconds']:.0f} | {machine_of(ledger, r.get('record_id', ''))} | {g.get('code_short', g.get('short', '?'))}{'' if g.get('clean') else ' dirty'} | "
                       + " ".join(f"{h['mAP']:.3f}" for h in r["history"]) + " |")
     md += ["", "## Cost plan at the time of this report", "", "```", *plan_lines, "```", "",
            f"Report written at commit {state['short']} by `pipelines/quality/run.py --piece report` "

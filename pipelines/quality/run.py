@@ -39,7 +39,7 @@ from costs import next_piece, print_plan, rows  # noqa: E402
 from matrix import PIECES, TEACHERS, piece_runs, selected  # noqa: E402
 from options import parse_args  # noqa: E402
 from report import write_report  # noqa: E402
-from runs import record, run_student  # noqa: E402
+from runs import record, run_dir, run_student  # noqa: E402
 from steps import (  # noqa: E402
     ensure_data,
     extract,
@@ -104,17 +104,24 @@ def collect(args: argparse.Namespace) -> tuple[dict, dict, dict]:
     """Every finished teacher, store, student run and tuning point, for the report."""
     teachers = {}
     for key in TEACHERS:
-        teachers[key] = {"record": finished_run(args, teacher_dir(args, key), teacher_sig(args, key)),
-                         "store": load_marker(record_path(args, store_path(args, key)), store_sig(args, key))}
+        trec = finished_run(args, teacher_dir(args, key), teacher_sig(args, key))
+        srec = load_marker(record_path(args, store_path(args, key)), store_sig(args, key))
+        teachers[key] = {"record": trec and {**trec, "record_id": record_id(args, teacher_dir(args, key))},
+                         "store": srec and {**srec, "record_id": record_id(args, store_path(args, key))}}
     runs: dict[str, list[dict]] = {}
     for piece in PIECES:
         for run in piece_runs(piece, args.seeds):
             rec, _ = record(args, run)
             if rec:
-                runs.setdefault(run.variant, []).append({**rec, "seed": run.seed,
+                runs.setdefault(run.variant, []).append({**rec, "seed": run.seed, "record_id": record_id(args, run_dir(args, run)),
                                                          "mirror": rec.get("mirror") or _mirror(rec)})
     tuning = {"chosen": selection(args), "points": tune_finished(args)}
     return teachers, runs, tuning
+
+
+def record_id(args: argparse.Namespace, step_dir: Path) -> str:
+    """The name the machine ledger knows a step's record by: its path under --records, no suffix."""
+    return record_path(args, step_dir).relative_to(args.records).as_posix().removesuffix(".json")
 
 
 def _mirror(rec: dict) -> str | None:

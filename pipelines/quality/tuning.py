@@ -199,7 +199,7 @@ def write_doc(args: argparse.Namespace, summary: dict, results: dict[str, list[d
     args.report_dir.mkdir(parents=True, exist_ok=True)
     (args.report_dir / "spatial_tuning.md").write_text("\n".join(md) + "\n")
     (args.report_dir / "spatial_tuning.json").write_text(json.dumps(
-        {"heldout": summary, "chosen": chosen,
+        {"heldout": {**summary, "data": rel(summary["data"])}, "chosen": chosen,  # committed: no absolute path
          "points": {n: [{k: r[k] for k in ("seed", "final", "history", "git", "seconds")} for r in rs]
                     for n, rs in results.items()}}, indent=2, default=str) + "\n")
     print(f"[quality] spatial tuning: {args.report_dir / 'spatial_tuning.md'}", flush=True)
