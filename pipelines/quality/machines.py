@@ -14,6 +14,7 @@ import fnmatch
 import json
 import math
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 
 LEDGER = "machines.json"
@@ -56,14 +57,25 @@ def reextracted_seconds(ledger: list[dict], record_id: str) -> list[tuple[str, f
             for n, e in enumerate(ledger, start=1) if record_id in e.get("store_reextracted_seconds", {})]
 
 
-def seconds_per_epoch_by_machine(ledger: list[dict], runs: list[dict]) -> dict[str, list[float]]:
-    """Each run's mean training seconds per epoch, grouped by the machine that ran it."""
+def by_machine(ledger: list[dict], runs: list[dict], seconds: Callable[[dict], float | None]) -> dict[str, list[float]]:
+    """`seconds(run)` of each run that has it, grouped by the machine that ran it."""
     out: dict[str, list[float]] = {}
     for r in runs:
-        if r.get("train_seconds_per_epoch"):
-            out.setdefault(machine_of(ledger, r.get("record_id", "")), []).append(
-                statistics.fmean(r["train_seconds_per_epoch"].values()))
+        value = seconds(r)
+        if value is not None:
+            out.setdefault(machine_of(ledger, r.get("record_id", "")), []).append(value)
     return dict(sorted(out.items()))
+
+
+def seconds_per_epoch_by_machine(ledger: list[dict], runs: list[dict]) -> dict[str, list[float]]:
+    """Each run's mean training seconds per epoch (validation excluded), grouped by machine."""
+    return by_machine(ledger, runs, lambda r: statistics.fmean(r["train_seconds_per_epoch"].values())
+                      if r.get("train_seconds_per_epoch") else None)
+
+
+def wall_seconds_by_machine(ledger: list[dict], runs: list[dict]) -> dict[str, list[float]]:
+    """Each run's wall clock, grouped by machine."""
+    return by_machine(ledger, runs, lambda r: r.get("seconds"))
 
 
 def relative_cost(ledger: list[dict], base: list[dict], other: list[dict]) -> dict[str, tuple[float, float, float]]:

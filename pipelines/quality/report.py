@@ -5,6 +5,7 @@ costs per epoch; when nothing wins, the ablations that say why."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -13,12 +14,14 @@ from pathlib import Path
 
 from common import git_state
 from machines import (
+    UNLISTED,
     describe,
     load_ledger,
     machine_of,
     reextracted_seconds,
     relative_cost,
     seconds_per_epoch_by_machine,
+    wall_seconds_by_machine,
 )
 from matrix import CACHED, CLASSES, CUE, KIND_LABELS, STUDENT_CFG, TEACHERS
 from stats import aggregate, compare, diff_text, fmt_ms, mean_std, verdict
@@ -59,10 +62,15 @@ def curve_rise(agg: dict) -> float:
     return curve[epochs[-1]]["mAP"][0] - curve[back]["mAP"][0]
 
 
-def seconds_text(ledger: list[dict], runs: list[dict]) -> str:
-    """Training seconds per epoch, mean ± std over runs, one group per machine (never pooled across)."""
-    groups = seconds_per_epoch_by_machine(ledger, runs)
-    return "; ".join(f"{fmt_ms(mean_std(xs), 0)} ({m})" for m, xs in groups.items()) or "-"
+def seconds_text(groups: dict[str, list[float]], unit: str = "") -> str:
+    """Seconds grouped by machine (machines.py), mean ± std per machine: never pooled across machines."""
+    return "; ".join(f"{fmt_ms(mean_std(xs), 0)}{unit} ({m})" for m, xs in groups.items()) or "-"
+
+
+@functools.cache
+def side_by_side() -> dict:
+    """The per-step ratios bench_train_step.py measured in one process (read once per report)."""
+    return json.loads(SIDE_BY_SIDE.read_text()) if SIDE_BY_SIDE.is_file() else {}
 
 
 def cost_lines(ledger: list[dict], runs: dict[str, list[dict]], names: dict[str, str], trec: dict,
@@ -82,14 +90,13 @@ def cost_lines(ledger: list[dict], runs: dict[str, list[dict]], names: dict[str,
         else:
             ran_on = ", ".join(seconds_per_epoch_by_machine(ledger, runs[variant]))
             md.append(f"  - {KIND_LABELS[kind]}: no plain run on its machine ({ran_on}): no ratio.")
-    if SIDE_BY_SIDE.is_file():
-        bench = json.loads(SIDE_BY_SIDE.read_text())
-        ratios = {k: v["of_medians"] for k, v in bench.get("ratios", {}).items()}
-        if ratios:
-            md.append(f"- Side by side in one process (`benchmarks/bench_train_step.py`, tiny pair, "
-                      f"{bench['machine'].get('cpu_model', '?')}, commit {bench['machine'].get('git', {}).get('commit', '?')[:7]}): "
-                      + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items())
-                      + " per training step (spatial maps: `spatial_step.json`; the fused teacher: `fused.json`).")
+    bench = side_by_side()
+    ratios = {k: v["of_medians"] for k, v in bench.get("ratios", {}).items()}
+    if ratios:
+        md.append(f"- Side by side in one process (`benchmarks/bench_train_step.py`, tiny pair, "
+                  f"{bench['machine'].get('cpu_model', '?')}, commit {bench['machine'].get('git', {}).get('commit', '?')[:7]}): "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items())
+                  + " per training step (spatial maps: `spatial_step.json`; the fused teacher: `fused.json`).")
     if srec:
         again = reextracted_seconds(ledger, srec.get("record_id", ""))
         md.append(f"- One-off: the teacher ({trec['seconds']:.0f} s, {machine_of(ledger, trec.get('record_id', ''))}) "
@@ -112,7 +119,8 @@ def teacher_section(args: argparse.Namespace, key: str, t: dict, runs: dict[str,
            "train s/epoch | wall per run |", "|---|---|---|---|---|---|---|---|---|"]
     md.append(f"| teacher {key} | 1 | {trec['final']['mAP']:.4f} | {trec['final']['NDS']:.4f} | "
               f"{trec['class_ap']['bicycle']:.4f} | {trec['class_ap']['motorcycle']:.4f} | - | "
-              f"{seconds_text(ledger, [trec])} | {trec['seconds']:.0f} s |")
+              f"{seconds_text(seconds_per_epoch_by_machine(ledger, [trec]))} | "
+              f"{seconds_text(wall_seconds_by_machine(ledger, [trec]), ' s')} |")
     for kind, a in agg.items():
         label = KIND_LABELS[kind] + (f" (mirrors {mirror})" if kind == "online" and mirror else "")
         rise = curve_rise(a)
@@ -120,7 +128,8 @@ def teacher_section(args: argparse.Namespace, key: str, t: dict, runs: dict[str,
         md.append(f"| {label} | {a['n']} | {fmt_ms(a['mAP'])} | {fmt_ms(a['NDS'])} | "
                   f"{fmt_ms(a['class_ap'].get('bicycle', (math.nan, math.nan)))} | "
                   f"{fmt_ms(a['class_ap'].get('motorcycle', (math.nan, math.nan)))} | "
-                  f"{rise_text} | {seconds_text(ledger, runs[names[kind]])} | {fmt_ms(a['wall_seconds'], 0)} s |")
+                  f"{rise_text} | {seconds_text(seconds_per_epoch_by_machine(ledger, runs[names[kind]]))} | "
+                  f"{seconds_text(wall_seconds_by_machine(ledger, runs[names[kind]]), ' s')} |")
     if srec:
         md += ["", f"Store: {srec['views']} augmented views + the sample, pooled 512-d and {srec['spatial_grid']}x"
                    f"{srec['spatial_grid']} maps, extracted once in {srec['seconds']:.0f} s "
@@ -148,6 +157,8 @@ def teacher_section(args: argparse.Namespace, key: str, t: dict, runs: dict[str,
         heading = "No cached variant wins: the ablations." if wins else "The ablations so far (no comparison finished yet)."
         md += ["", f"**{heading}**", ""] + ablations(key, trec, agg, tuning)
     answers["aggregate"] = agg
+    answers["seconds_per_epoch_by_machine"] = {k: seconds_per_epoch_by_machine(ledger, runs[v])
+                                               for k, v in names.items() if runs.get(v)}
     return md + [""], answers
 
 
@@ -244,7 +255,7 @@ def write_report(args: argparse.Namespace, teachers: dict, runs: dict[str, list[
     if ledger:  # the pieces ran in several sessions, on the machines the ledger lists
         device = "CPU; " + ", ".join(describe(ledger, f"machine {n}") for n in range(1, len(ledger) + 1))
         unlisted = [r.get("record_id") or r.get("what", "?") for r in all_records
-                    if machine_of(ledger, r.get("record_id", "")) == "unlisted"]
+                    if machine_of(ledger, r.get("record_id", "")) == UNLISTED]
         if unlisted:
             device += f" (the ledger does not name the machine of {len(unlisted)} record(s): {unlisted[:4]})"
     else:  # one session ran everything: the report's own environment is the pieces'

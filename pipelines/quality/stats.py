@@ -14,9 +14,8 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
 
 
 def aggregate(runs: list[dict]) -> dict:
-    """Mean ± std over a variant's seeds: final mAP/NDS, cost, the mAP/NDS curve and per-class AP."""
-    per_epoch_train = [statistics.fmean(r["train_seconds_per_epoch"].values()) for r in runs
-                       if r.get("train_seconds_per_epoch")]
+    """Mean ± std over a variant's seeds: final mAP/NDS, the mAP/NDS curve and per-class AP. Seconds
+    are not here: runs of one variant may come from different machines (machines.py groups them)."""
     curves: dict[int, list[tuple[float, float]]] = {}
     for r in runs:
         for epoch, h in enumerate(r["history"], start=1):  # one validation per epoch
@@ -26,8 +25,6 @@ def aggregate(runs: list[dict]) -> dict:
         "n": len(runs),
         "mAP": mean_std([r["final"]["mAP"] for r in runs]),
         "NDS": mean_std([r["final"]["NDS"] for r in runs]),
-        "wall_seconds": mean_std([r["seconds"] for r in runs]),
-        "train_seconds_per_epoch": mean_std(per_epoch_train),
         "curve": {e: {"mAP": mean_std([m for m, _ in v]), "NDS": mean_std([n for _, n in v])}
                   for e, v in sorted(curves.items())},
         "class_ap": {c: mean_std([r["class_ap"][c] for r in runs if c in r.get("class_ap", {})]) for c in classes},
