@@ -34,7 +34,7 @@ LEDGER = [
     {"cpu": {"cpu_model": "AMD EPYC", "cpu_count": 2},
      "wrote": ["runs/plain-seed1", "runs/plain-seed2", "runs/T1-pooled-seed0", "runs/T1-pooled-seed1"],
      "store_reextracted_seconds": {"stores/T1-views20-spatial32": 245}},
-    {"cpu": {"cpu_model": "Other", "cpu_count": 2}, "wrote": ["runs/T1-spatial-seed*"]},
+    {"cpu": {"cpu_model": "Other", "cpu_count": 2}, "wrote": ["runs/T1-spatial-seed*", "references/plain-3*"]},
 ]
 
 
@@ -76,6 +76,24 @@ def test_cost_ratios_stay_within_one_machine(quality_modules):
     assert f"{pooled_across:.2f}x" not in text
     assert "spatial cached (auto): no plain run on its machine (machine 3)" in text
     assert "450 s, machine 1" in text and "245 s extracted again on machine 2" in text
+
+
+def test_a_machine_without_plain_seeds_is_compared_with_its_own_reference(quality_modules):
+    """`--piece reference` gives a machine that ran no plain seed a base on that machine; where plain
+    seeds ran, they stay the base, and no reference crosses to another machine."""
+    _, report = quality_modules
+    runs = {"plain": [run("runs/plain-seed1", [62.0, 64.0])],
+            "T1-pooled": [run("runs/T1-pooled-seed0", [61.0, 63.0])],
+            "T1-spatial": [run("runs/T1-spatial-seed0", [70.0, 70.0])]}
+    references = [run("references/plain-3a", [49.0, 51.0]),  # machine 3
+                  run("references/plain-2a", [10.0, 10.0])]  # unlisted: not machine 2's base
+    names = {"plain": "plain", "pooled": "T1-pooled", "spatial": "T1-spatial", "online": "T1-online"}
+    text = "\n".join(report.cost_lines(LEDGER, runs, names, {"seconds": 450.0, "record_id": "teachers/T1"}, None,
+                                       references))
+    assert "spatial cached (auto): 70 s vs 50 s = **1.40x** on machine 3 (Other, 2 cores) (vs its plain reference run)" in text
+    assert "no plain run on its machine" not in text
+    assert "62 s vs 63 s = **0.98x** on machine 2 (AMD EPYC, 2 cores)." in text  # the plain seeds, not a reference
+    assert "6.20x" not in text and "vs 10 s" not in text
 
 
 def test_a_malformed_ledger_is_refused_by_name(quality_modules, tmp_path):

@@ -82,11 +82,36 @@ def test_a_fresh_clone_resumes_from_the_records_and_rebuilds_the_store(recorded)
     assert record.read_text() == recorded_text, "the first extraction's record was rewritten"
 
 
-def test_a_record_without_its_weights_is_refused(recorded, tmp_path):
+@pytest.mark.parametrize("weights", ["missing", "another schedule's"])
+def test_a_record_without_its_weights_is_refused(recorded, tmp_path, weights):
+    """A teacher retrained under other settings must not leave the earlier weights to its store."""
+    from mmengine.runner import save_checkpoint
+
+    from bevcache.teacher import load_checkpoint_file
+
     shutil.copytree(recorded / "records", tmp_path / "records")
-    (tmp_path / "records" / "teachers" / "T1.pth").unlink()
+    published = tmp_path / "records" / "teachers" / "T1.pth"
+    if weights == "missing":
+        published.unlink()
+    else:
+        ckpt = load_checkpoint_file(published)
+        save_checkpoint({**ckpt, "meta": {**ckpt["meta"], "signature": "0123456789abcdef"}}, str(published))
     cmd = [sys.executable, str(RUN), "--quick", "--out", str(tmp_path / "out"), "--records", str(tmp_path / "records"),
            "--report-dir", str(tmp_path / "report"), "--data", str(recorded / "data"), "--piece", "teacher-T1"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert proc.returncode != 0
     assert "weights" in proc.stderr and "T1.pth" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_plain_reference_records_this_machines_seconds_per_epoch(recorded):
+    """`--piece reference`: the plain student's seconds per epoch here, the cost base of a machine
+    that runs variants but no plain seed (tests/test_quality_machines.py has how the report uses it)."""
+    proc = quality(recorded, "--piece", "reference", "--reference-epochs", "2")
+    references = sorted((recorded / "records" / "references").glob("plain-*.json"))
+    assert len(references) == 1
+    record = json.loads(references[0].read_text())
+    assert sorted(record["train_seconds_per_epoch"]) == ["1", "2"]
+    assert all(seconds > 0 for seconds in record["train_seconds_per_epoch"].values())
+    assert record["git"]["code_commit"] and record["seconds"] > sum(record["train_seconds_per_epoch"].values())
+    assert f"add `references/{references[0].stem}` to this machine's `wrote`" in proc.stdout
+    assert "[quality] report:" not in proc.stdout  # nothing the report shows changed

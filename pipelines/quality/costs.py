@@ -11,11 +11,14 @@ The model's seconds, and where they were measured:
   its forward 1 / 33.85 samples/s (benchmarks/results/extract.json);
 - validation: 0.125 s per sample + 3 s of devkit evaluation (the tuning's plain run at b80a078: 12
   validations of 40 held-out samples took ~8 s each);
-- T2 / T3 (spconv voxel trunk, camera branch): benchmarks/results/fused.json, taken at load 5.5 on
-  2 cores (commit f363d67), divided by LOADED = 2.75 (load / cores: an assumption, the only fused
-  numbers there are): voxel student step 10.92 s per 2 samples -> T2 training; + the camera
-  branch's forward 1.09 s per 2 samples x 3 for its backward -> T3 training; T3's forward =
-  extraction 2.07 s/sample; T2's = that x 0.77 (the LiDAR share of the online teacher's forward);
+- T2 (spconv voxel trunk): measured by the matrix itself on machine 2 (docs/quality/records/
+  machines.json) and brought to machine 1's speed by MACHINE_2_OVER_1 (the plain student's seconds
+  per epoch there over here: 63.2 / 33.7): training 46.2 s per 160-sample epoch (teachers/T2),
+  extraction 525 s for 160 x 21 inputs with maps (stores/T2-views20-spatial32) -> its forward;
+- T3 (T2 + the camera branch): the first model's numbers, benchmarks/results/fused.json (load 5.5,
+  f363d67, /2.75 for the load), overestimated T2 12.8x (training) and 11.4x (forward), so T3's
+  camera branch (forward 1.09 s per 2 samples, x3 for its backward; the fused extraction 2.07 s/
+  sample) is taken at those ratios: an assumption until teacher-T3 measures it;
 - extraction with maps: x1.64 the pooled one (benchmarks/results/spatial.json), x(1 + K) for K views;
 - 20 s start-up per command.
 """
@@ -37,10 +40,14 @@ from steps import (
 )
 
 LOADED = 2.75
+MACHINE_2_OVER_1 = 63.2 / 33.7
 STUDENT = 0.79 / 4
 SPATIAL_FACTOR = 1.05
-TEACHER_TRAIN = {"T1": 1.2 / 4, "T2": 10.92 / 2 / LOADED, "T3": 10.92 / 2 / LOADED + 3 * 1.086 / 2 / LOADED}
-TEACHER_FORWARD = {"T1": 1 / 33.85, "T2": 2.07 / LOADED * 0.77, "T3": 2.07 / LOADED}
+_T2_TRAIN = 46.2 / 160 / MACHINE_2_OVER_1
+_T2_FORWARD = 525 / (160 * 21) / 1.64 / MACHINE_2_OVER_1  # 1.64 = MAPS_FACTOR
+TEACHER_TRAIN = {"T1": 1.2 / 4, "T2": _T2_TRAIN,
+                 "T3": _T2_TRAIN + 3 * 1.086 / 2 / LOADED * _T2_TRAIN / (10.92 / 2 / LOADED)}
+TEACHER_FORWARD = {"T1": 1 / 33.85, "T2": _T2_FORWARD, "T3": _T2_FORWARD / 0.77}  # T2 = the fused forward's LiDAR 77 %
 PREDICT = 0.125
 EVAL = 3.0
 MAPS_FACTOR = 1.64

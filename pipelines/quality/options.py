@@ -11,7 +11,10 @@ from matrix import PIECES, TEACHERS
 # Defaults sized so the whole matrix is about ten hours on 2 CPU cores in pieces of under two
 # (pipelines/quality/README.md, `--plan`): 160 train / 40 val samples, students 20 epochs (at 12 the
 # plain student's held-out mAP still rose 0.566 -> 0.595 -> 0.620 -> 0.639 over the last epochs).
-DEFAULT_TEACHER_EPOCHS = {"T1": 10, "T2": 8, "T3": 8}
+# T2 and T3 train 40 epochs: at 8, T2 reached 0.550 val mAP, still rising (0.08, 0.32, 0.46, 0.55),
+# under the plain student's 0.757, i.e. a teacher that knew less than its student; its steps cost
+# ~1.3 s, not the ~8 s the first cost model assumed (records from 466bdb9 pass `--teacher-epochs`).
+DEFAULT_TEACHER_EPOCHS = {"T1": 10, "T2": 40, "T3": 40}
 
 
 def parse_args(argv: list[str] | None = None, doc: str = "") -> argparse.Namespace:
@@ -19,8 +22,9 @@ def parse_args(argv: list[str] | None = None, doc: str = "") -> argparse.Namespa
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Pieces, in order: " + ", ".join(PIECES))
     p.add_argument("--piece", default=None,
-                   help="What to run: a piece name, 'next' (the first unfinished piece), 'all', or 'report' "
-                        "(train nothing, write the report). Without --piece and --plan: 'next'.")
+                   help="What to run: a piece name, 'next' (the first unfinished piece), 'all', 'report' "
+                        "(train nothing, write the report), or 'reference' (a short plain run: this machine's "
+                        "cost base). Without --piece and --plan: 'next'.")
     p.add_argument("--only", default="", help="Within the piece, only the runs matching every key, "
                                               "e.g. 'seed=0' or 'kind=online,seed=2' (keys: teacher, kind, seed); "
                                               "a teacher piece: 'step=train' or 'step=extract'.")
@@ -31,7 +35,7 @@ def parse_args(argv: list[str] | None = None, doc: str = "") -> argparse.Namespa
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=20, help="Student epochs, a validation after each (the curve).")
     p.add_argument("--teacher-epochs", default=",".join(f"{k}={v}" for k, v in DEFAULT_TEACHER_EPOCHS.items()),
-                   help="Epochs per teacher, e.g. T1=10,T2=8,T3=8 (a validation every --teacher-val-every).")
+                   help="Epochs per teacher, e.g. T1=10,T2=40,T3=40 (a validation every --teacher-val-every).")
     p.add_argument("--teacher-val-every", type=int, default=2)
     p.add_argument("--seeds", type=int, default=3, help="Seeds per student variant (0..S-1).")
     p.add_argument("--views", type=int, default=None,
@@ -54,6 +58,8 @@ def parse_args(argv: list[str] | None = None, doc: str = "") -> argparse.Namespa
     p.add_argument("--records", default=None,
                    help="Where each finished step's record (and each teacher's weights) goes: the matrix's "
                         "state, committed so a fresh clone resumes [default: <report-dir>/records].")
+    p.add_argument("--reference-epochs", type=int, default=3,
+                   help="Epochs of `--piece reference` (the plain student, seed 0, no validation).")
     p.add_argument("--allow-dirty", action="store_true",
                    help="Train on a tree with local changes (each run records it; the report flags it).")
     p.add_argument("--quick", action="store_true",
@@ -72,8 +78,10 @@ def parse_args(argv: list[str] | None = None, doc: str = "") -> argparse.Namespa
     if "step" in args.only and (args.only["step"] not in ("train", "extract") or len(args.only) > 1
                                 or not str(args.piece).startswith("teacher-")):
         p.error("--only step=train or step=extract, alone, splits a teacher piece (e.g. --piece teacher-T3)")
-    if args.piece not in (None, "next", "all", "report", *PIECES):
-        p.error(f"--piece must be next, all, report or one of {', '.join(PIECES)}")
+    if args.piece not in (None, "next", "all", "report", "reference", *PIECES):
+        p.error(f"--piece must be next, all, report, reference or one of {', '.join(PIECES)}")
+    if args.reference_epochs < 1:
+        p.error("--reference-epochs must be >= 1")
     if args.views is None:
         args.views = args.epochs
     if args.views < 1:

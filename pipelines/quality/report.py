@@ -24,6 +24,7 @@ from machines import (
     wall_seconds_by_machine,
 )
 from matrix import CACHED, CLASSES, CUE, KIND_LABELS, STUDENT_CFG, TEACHERS
+from reference import load_references
 from stats import aggregate, compare, diff_text, fmt_ms, mean_std, verdict
 from steps import rel
 
@@ -74,22 +75,29 @@ def side_by_side() -> dict:
 
 
 def cost_lines(ledger: list[dict], runs: dict[str, list[dict]], names: dict[str, str], trec: dict,
-               srec: dict | None) -> list[str]:
-    """Each variant's seconds per epoch against plain augmented run on the same machine."""
+               srec: dict | None, references: list[dict] = ()) -> list[str]:
+    """Each variant's seconds per epoch against plain augmented run on the same machine, or, on a
+    machine that ran no plain seed, against its plain reference run (`--piece reference`)."""
     md = ["- Training seconds per epoch (validation excluded), each against plain augmented on the same "
           "machine (two 2-core machines differ up to ~1.9x, so no ratio is taken across machines; "
-          "`machines.json` in the records says which machine ran what):"]
+          "`machines.json` in the records says which machine ran what; a machine that ran no plain seed "
+          "is compared with its own short plain reference run, `--piece reference`):"]
     for kind, variant in names.items():
         if kind == "plain" or not runs.get(variant):
             continue
-        rel_cost = relative_cost(ledger, runs.get("plain", []), runs[variant])
-        if rel_cost:
-            md.append(f"  - {KIND_LABELS[kind]}: " + "; ".join(
-                f"{mo:.0f} s vs {mb:.0f} s = **{ratio:.2f}x** on {describe(ledger, m)}"
-                for m, (mb, mo, ratio) in rel_cost.items()) + ".")
-        else:
-            ran_on = ", ".join(seconds_per_epoch_by_machine(ledger, runs[variant]))
-            md.append(f"  - {KIND_LABELS[kind]}: no plain run on its machine ({ran_on}): no ratio.")
+        ran_on = seconds_per_epoch_by_machine(ledger, runs[variant])
+        against_plain = relative_cost(ledger, runs.get("plain", []), runs[variant])
+        against_reference = {m: v for m, v in relative_cost(ledger, list(references), runs[variant]).items()
+                             if m not in against_plain}
+        parts = [f"{mo:.0f} s vs {mb:.0f} s = **{ratio:.2f}x** on {describe(ledger, m)}"
+                 for m, (mb, mo, ratio) in against_plain.items()]
+        parts += [f"{mo:.0f} s vs {mb:.0f} s = **{ratio:.2f}x** on {describe(ledger, m)} (vs its plain reference run)"
+                  for m, (mb, mo, ratio) in against_reference.items()]
+        if parts:
+            md.append(f"  - {KIND_LABELS[kind]}: " + "; ".join(parts) + ".")
+        if not parts or set(ran_on) - set(against_plain) - set(against_reference):
+            bare = ", ".join(m for m in ran_on if m not in against_plain and m not in against_reference)
+            md.append(f"  - {KIND_LABELS[kind]}: no plain run on its machine ({bare}): no ratio.")
     bench = side_by_side()
     ratios = {k: v["of_medians"] for k, v in bench.get("ratios", {}).items()}
     if ratios:
@@ -106,7 +114,7 @@ def cost_lines(ledger: list[dict], runs: dict[str, list[dict]], names: dict[str,
 
 
 def teacher_section(args: argparse.Namespace, key: str, t: dict, runs: dict[str, list[dict]],
-                    tuning: dict | None, ledger: list[dict]) -> tuple[list[str], dict]:
+                    tuning: dict | None, ledger: list[dict], references: list[dict] = ()) -> tuple[list[str], dict]:
     """The table and the three answers for one teacher."""
     trec, srec = t.get("record"), t.get("store")
     names = {"plain": "plain", **{k: f"{key}-{k}" for k in (*CACHED, "online")}}
@@ -152,7 +160,7 @@ def teacher_section(args: argparse.Namespace, key: str, t: dict, runs: dict[str,
                   f"**{'yes, within 2 SE' if ok else verdict(c)}**.")
     else:
         md.append("- Online runs not finished.")
-    md += ["", "**What does each cost per epoch?**", *cost_lines(ledger, runs, names, trec, srec)]
+    md += ["", "**What does each cost per epoch?**", *cost_lines(ledger, runs, names, trec, srec, references)]
     if not any(wins):
         heading = "No cached variant wins: the ablations." if wins else "The ablations so far (no comparison finished yet)."
         md += ["", f"**{heading}**", ""] + ablations(key, trec, agg, tuning)
@@ -252,9 +260,10 @@ def write_report(args: argparse.Namespace, teachers: dict, runs: dict[str, list[
     args.report_dir.mkdir(parents=True, exist_ok=True)
     state = git_state(own_outputs=args.report_dir)
     ledger = load_ledger(args.records)
+    references = load_references(args)
     if ledger:  # the pieces ran in several sessions, on the machines the ledger lists
         device = "CPU; " + ", ".join(describe(ledger, f"machine {n}") for n in range(1, len(ledger) + 1))
-        unlisted = [r.get("record_id") or r.get("what", "?") for r in all_records
+        unlisted = [r.get("record_id") or r.get("what", "?") for r in [*all_records, *references]
                     if machine_of(ledger, r.get("record_id", "")) == UNLISTED]
         if unlisted:
             device += f" (the ledger does not name the machine of {len(unlisted)} record(s): {unlisted[:4]})"
@@ -280,7 +289,7 @@ def write_report(args: argparse.Namespace, teachers: dict, runs: dict[str, list[
           "differences; 'beats' means Δ > 2 SE.", ""]
     answers = {}
     for key in TEACHERS:
-        section, answers[key] = teacher_section(args, key, teachers.get(key) or {}, runs, tuning, ledger)
+        section, answers[key] = teacher_section(args, key, teachers.get(key) or {}, runs, tuning, ledger, references)
         md += section
     files = plots(args.report_dir, teachers, runs, ledger) if any(runs.values()) else []
     md += [f"![{f}]({f})" for f in files]

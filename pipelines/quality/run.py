@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # pipelines/common
 from costs import next_piece, print_plan, rows  # noqa: E402
 from matrix import PIECES, TEACHERS, piece_runs, selected  # noqa: E402
 from options import parse_args  # noqa: E402
+from reference import run_reference  # noqa: E402
 from report import write_report  # noqa: E402
 from runs import record, run_dir, run_student  # noqa: E402
 from steps import (  # noqa: E402
@@ -52,15 +53,16 @@ from steps import (  # noqa: E402
     teacher_checkpoint,
     teacher_dir,
     teacher_sig,
+    weights_signature,
 )
 from tuning import finished as tune_finished  # noqa: E402
 from tuning import run_tune, selection  # noqa: E402
 
 
 def trained(args: argparse.Namespace, key: str) -> bool:
-    """Teacher `key` has a record and its weights (both committed under --records)."""
-    return bool(finished_run(args, teacher_dir(args, key), teacher_sig(args, key))) and \
-        Path(teacher_checkpoint(args, key)).is_file()
+    """Teacher `key` has a record and the weights trained under it (both committed under --records)."""
+    sig = teacher_sig(args, key)
+    return bool(finished_run(args, teacher_dir(args, key), sig)) and weights_signature(Path(teacher_checkpoint(args, key))) == sig
 
 
 def require_teacher(args: argparse.Namespace, key: str, piece: str, *, store: bool) -> None:
@@ -83,6 +85,9 @@ def run_piece(args: argparse.Namespace, piece: str) -> None:
                 sys.exit(f"[quality] extracting {key}'s store needs the trained teacher: run "
                          f"`--piece {piece} --only step=train` first")
             extract(args, key)
+        return
+    if piece == "reference":
+        run_reference(args)
         return
     if piece == "tune":
         if not trained(args, args.tune_teacher):
@@ -142,6 +147,10 @@ def main(argv: list[str] | None = None) -> None:
         nxt = next_piece(args)
         pieces = [nxt] if nxt else []
         print(f"[quality] next piece: {nxt or 'none: every run is finished'}", flush=True)
+    elif piece == "reference":  # a cost base for this machine: no report (nothing in it changed)
+        ensure_data(args)
+        run_piece(args, piece)
+        return
     else:
         pieces = [] if piece == "report" else [piece]
     if pieces:

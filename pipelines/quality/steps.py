@@ -197,16 +197,25 @@ def teacher(args: argparse.Namespace, key: str) -> tuple[dict, str]:
     """Train teacher `key` (plain, its own augmented pipeline); returns its record and weights."""
     cfg, epochs, work_dir = TEACHERS[key].config, args.teacher_epochs[key], teacher_dir(args, key)
     weights, exported = Path(teacher_checkpoint(args, key)), work_dir / "student_weights.pth"
-    if not weights.is_file() and finished_run(args, work_dir, teacher_sig(args, key)) and not exported.is_file():
+    if weights_signature(weights) != teacher_sig(args, key) and finished_run(args, work_dir, teacher_sig(args, key)) \
+            and not exported.is_file():
         sys.exit(f"[quality] {rel(record_path(args, work_dir))} records teacher {key} as trained but its weights "
-                 f"{rel(weights)} are missing: restore them from git, or delete the record to train it again.")
+                 f"{rel(weights)} are missing or were trained under other settings: restore them from git, or delete "
+                 "the record to train it again.")
     record = train_run(args, work_dir, teacher_sig(args, key),
                        ["--student", cfg, "--plain",
                         *schedule_options(args, epochs, min(args.teacher_val_every, epochs), 0, cfg)],
                        f"teacher {TEACHERS[key].label}, {epochs} epochs")
-    if not weights.is_file():
+    if weights_signature(weights) != teacher_sig(args, key):  # none yet, or an earlier schedule's
         publish_weights(exported, weights, key, teacher_sig(args, key))
     return record, str(weights)
+
+
+def weights_signature(weights: Path) -> str | None:
+    """The teacher signature published weights were trained under (None when there are none)."""
+    from bevcache.teacher import load_checkpoint_file
+
+    return load_checkpoint_file(weights).get("meta", {}).get("signature") if weights.is_file() else None
 
 
 def publish_weights(exported: Path, out: Path, key: str, sig: str) -> None:
