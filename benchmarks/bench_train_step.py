@@ -13,6 +13,14 @@ hit all of them alike, and reports cached/plain (target <= 1.05) and online/cach
 
     .venv/bin/python benchmarks/bench_train_step.py            # full (alone on the machine)
     .venv/bin/python benchmarks/bench_train_step.py --quick    # smoke test
+
+The same comparison on a quality run's student and store (pipelines/quality), side by side, instead
+of the quality records' per-run epoch times taken hours apart:
+
+    .venv/bin/python benchmarks/bench_train_step.py --variants plain,cached \
+        --student configs/tiny_student_replay.py --distill augmentation=auto \
+        --use-data data/quality-cam-160-40-s0 --use-store work_dirs/quality/stores/T2-views20-spatial32 \
+        --out benchmarks/results/train_step_quality_T2.json
 """
 
 from __future__ import annotations
@@ -89,9 +97,10 @@ def child(args) -> None:
             sync()
             self.times.append(time.perf_counter() - self.start.t)
 
-    opts = TrainOptions(student=str(STUDENT_CFG), data_root=args.data_root, plain=args.child == "plain",
+    opts = TrainOptions(student=args.student, data_root=args.data_root, plain=args.child == "plain",
                         cache=args.store if args.child == "cached" else None,
-                        teacher_online=str(TEACHER_CFG) if args.child == "online" else None,
+                        distill_options=tuple(args.distill) if args.child != "plain" else (),
+                        teacher_online=args.teacher if args.child == "online" else None,
                         teacher_checkpoint=args.checkpoint if args.child == "online" else None)
     cfg = build_train_config(opts)
     nce_k = cfg.model.get("nce_k") if cfg.model.get("type") == "CRDDistiller" else None
@@ -152,6 +161,17 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3, help="Runs per variant (interleaved).")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--student", default=str(STUDENT_CFG), help="Student config of every variant.")
+    p.add_argument("--distill", action="append", default=[], metavar="KEY=VALUE",
+                   help="A distill setting of the cached and online variants (repeatable), e.g. augmentation=auto.")
+    p.add_argument("--use-data", default=None, metavar="ROOT",
+                   help="Time on this data root instead of a synthetic one made here (needs --use-store).")
+    p.add_argument("--use-store", default=None, metavar="STORE",
+                   help="The cached variant reads this store (of --use-data) instead of a random teacher's.")
+    p.add_argument("--teacher", default=None,
+                   help="Online variant's teacher config [default: the tiny teacher; with --use-store, required "
+                        "with --teacher-checkpoint for the online variant].")
+    p.add_argument("--teacher-checkpoint", default=None, help="Online variant's teacher weights (with --teacher).")
     p.add_argument("--profile", default=None, metavar="VARIANT",
                    help="Also run VARIANT once under torch.profiler; the op table goes next to the results.")
     # child-only arguments
@@ -169,17 +189,31 @@ def main() -> None:
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         sys.exit(f"unknown variants {sorted(unknown)}; known: {list(VARIANTS)}")
+    if bool(args.use_data) != bool(args.use_store):
+        sys.exit("--use-data and --use-store go together: the store's rows are that data root's samples")
+    if args.use_store and "online" in variants and not (args.teacher and args.teacher_checkpoint):
+        sys.exit("the online variant on --use-store needs the store's teacher: --teacher CFG --teacher-checkpoint PTH "
+                 "(or leave it out: --variants plain,cached)")
+    if args.use_store and not Path(args.use_store).is_dir():
+        sys.exit(f"--use-store {args.use_store}: no such store; extract it first (pipelines/quality/run.py, "
+                 "--piece teacher-<T> --only step=extract)")
     warn_if_busy()
     mach = machine()
     work = Path(args.work) / ("quick" if args.quick else "")
-    data = synth_data(work, args.train_samples, max(2, args.train_samples // 8))
-    ckpt = random_teacher_checkpoint(work)
-    store = teacher_store(work, data, ckpt)
+    if args.use_store:
+        data, store, ckpt = Path(args.use_data), Path(args.use_store), args.teacher_checkpoint
+        args.train_samples = None  # the store's; n_data comes from it
+    else:
+        data = synth_data(work, args.train_samples, max(2, args.train_samples // 8))
+        ckpt = random_teacher_checkpoint(work)
+        store = teacher_store(work, data, ckpt)
+    teacher = args.teacher or str(TEACHER_CFG)
 
     runs: dict[str, list[dict]] = {v: [] for v in variants}
-    common_args = ["--work", str(work), "--data-root", str(data), "--store", str(store), "--checkpoint", str(ckpt),
+    common_args = ["--work", str(work), "--data-root", str(data), "--store", str(store), "--checkpoint", str(ckpt or ""),
                    "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--warmup", str(args.warmup),
-                   "--iters", str(args.iters), "--seed", str(args.seed)]
+                   "--iters", str(args.iters), "--seed", str(args.seed), "--student", args.student,
+                   "--teacher", teacher, *[f"--distill={d}" for d in args.distill]]
     for rep in range(args.reps):
         order = variants[rep % len(variants):] + variants[:rep % len(variants)]  # rotate: no fixed position
         for variant in order:
@@ -230,7 +264,8 @@ def main() -> None:
                      f"{s['cuda_peak_mib']:.0f}" if s["cuda_peak_mib"] is not None else "-",
                      f"{s['setup']['median']:.1f} s", s["nce_k"] if s["nce_k"] is not None else "-"])
     dev = mach["cuda"]["device"] if mach["cuda"] else f"CPU {mach['cpu_model']} ({mach['torch_threads']} threads)"
-    print(f"\n### Training step, tiny student, batch {args.batch_size}, n_data {args.train_samples}, "
+    print(f"\n### Training step, {Path(args.student).name}{' ' + ' '.join(args.distill) if args.distill else ''}, "
+          f"batch {args.batch_size}, n_data {args.train_samples or 'of ' + str(store)}, "
           f"{args.reps} x {args.iters} timed steps after {args.warmup} warm-up, on {dev}\n")
     print(table(["variant", "s/step median (IQR)", "vs plain", "peak RSS MiB", "CUDA peak MiB", "setup", "nce_k"], rows))
     print()

@@ -102,3 +102,25 @@ def test_a_malformed_ledger_is_refused_by_name(quality_modules, tmp_path):
     (tmp_path / "machines.json").write_text(json.dumps({"entries": []}))
     with pytest.raises(SystemExit, match=r"machines\.json is not a machine ledger"):
         machines.load_ledger(tmp_path)
+
+
+def test_a_side_by_side_bench_on_a_teachers_store_is_quoted_under_that_teacher(quality_modules, tmp_path, monkeypatch):
+    """bench_train_step.py --use-store writes train_step_quality_<T>*.json; the report quotes it under
+    teacher T only (each variant's epoch times in the records were taken hours apart)."""
+    _, report = quality_modules
+    monkeypatch.setattr(report, "SIDE_BY_SIDE", tmp_path / "train_step.json")
+    bench = {"args": {"student": "configs/tiny_student_replay.py", "distill": ["augmentation=auto"]},
+             "machine": {"cpu_model": "AMD EPYC", "git": {"commit": "abcdef0123"}},
+             "ratios": {"cached/plain": {"of_medians": 1.031, "min": 1.01, "max": 1.05},
+                        "online/cached": None, "online/plain": None}}
+    (tmp_path / "train_step_quality_T2.json").write_text(json.dumps(bench))
+    names = {"plain": "plain", "pooled": "T2-pooled", "spatial": "T2-spatial", "online": "T2-online"}
+    runs = {"T2-pooled": [run("runs/T2-pooled-seed0", [61.0, 63.0])]}
+
+    def text(teacher):
+        return "\n".join(report.cost_lines(LEDGER, runs, names, {"seconds": 1.0, "record_id": "teachers/T2"}, None,
+                                           teacher=teacher))
+
+    assert ("Side by side on T2's store (`train_step_quality_T2.json`: tiny_student_replay.py augmentation=auto, "
+            "AMD EPYC, commit abcdef0): cached/plain 1.031 (per repetition 1.010..1.050) per training step.") in text("T2")
+    assert "Side by side on" not in text("T3")

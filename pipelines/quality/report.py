@@ -69,13 +69,32 @@ def seconds_text(groups: dict[str, list[float]], unit: str = "") -> str:
 
 
 @functools.cache
-def side_by_side() -> dict:
+def side_by_side(path: Path = SIDE_BY_SIDE) -> dict:
     """The per-step ratios bench_train_step.py measured in one process (read once per report)."""
-    return json.loads(SIDE_BY_SIDE.read_text()) if SIDE_BY_SIDE.is_file() else {}
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def quality_side_by_side_lines(teacher: str) -> list[str]:
+    """bench_train_step.py runs on this teacher's store with the quality student
+    (`benchmarks/results/train_step_quality_<teacher>*.json`): the per-epoch seconds of the records
+    are taken hours apart, these interleave the variants in one process."""
+    md = []
+    for path in sorted(SIDE_BY_SIDE.parent.glob(f"train_step_quality_{teacher}*.json")):
+        bench = side_by_side(path)
+        ratios = {k: v for k, v in bench.get("ratios", {}).items() if v}
+        if not ratios:
+            continue
+        bargs, mach = bench.get("args", {}), bench.get("machine", {})
+        what = " ".join([Path(str(bargs.get("student", "?"))).name, *bargs.get("distill", [])])
+        md.append(f"- Side by side on {teacher}'s store (`{path.name}`: {what}, {mach.get('cpu_model', '?')}, "
+                  f"commit {mach.get('git', {}).get('commit', '?')[:7]}): "
+                  + ", ".join(f"{k} {v['of_medians']:.3f} (per repetition {v['min']:.3f}..{v['max']:.3f})"
+                              for k, v in ratios.items()) + " per training step.")
+    return md
 
 
 def cost_lines(ledger: list[dict], runs: dict[str, list[dict]], names: dict[str, str], trec: dict,
-               srec: dict | None, references: list[dict] = ()) -> list[str]:
+               srec: dict | None, references: list[dict] = (), teacher: str | None = None) -> list[str]:
     """Each variant's seconds per epoch against plain augmented run on the same machine, or, on a
     machine that ran no plain seed, against its plain reference run (`--piece reference`)."""
     md = ["- Training seconds per epoch (validation excluded), each against plain augmented on the same "
@@ -105,6 +124,8 @@ def cost_lines(ledger: list[dict], runs: dict[str, list[dict]], names: dict[str,
                   f"{bench['machine'].get('cpu_model', '?')}, commit {bench['machine'].get('git', {}).get('commit', '?')[:7]}): "
                   + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items())
                   + " per training step (spatial maps: `spatial_step.json`; the fused teacher: `fused.json`).")
+    if teacher:
+        md += quality_side_by_side_lines(teacher)
     if srec:
         again = reextracted_seconds(ledger, srec.get("record_id", ""))
         md.append(f"- One-off: the teacher ({trec['seconds']:.0f} s, {machine_of(ledger, trec.get('record_id', ''))}) "
@@ -160,7 +181,7 @@ def teacher_section(args: argparse.Namespace, key: str, t: dict, runs: dict[str,
                   f"**{'yes, within 2 SE' if ok else verdict(c)}**.")
     else:
         md.append("- Online runs not finished.")
-    md += ["", "**What does each cost per epoch?**", *cost_lines(ledger, runs, names, trec, srec, references)]
+    md += ["", "**What does each cost per epoch?**", *cost_lines(ledger, runs, names, trec, srec, references, teacher=key)]
     if not any(wins):
         heading = "No cached variant wins: the ablations." if wins else "The ablations so far (no comparison finished yet)."
         md += ["", f"**{heading}**", ""] + ablations(key, trec, agg, tuning)
