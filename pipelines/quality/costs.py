@@ -33,6 +33,7 @@ from steps import (
     finished_run,
     load_marker,
     record_path,
+    rel,
     store_path,
     store_sig,
     teacher_dir,
@@ -148,7 +149,7 @@ def print_plan(args: argparse.Namespace) -> None:
     hours = lambda s: f"{s / 3600:.2f} h"  # noqa: E731
     print(f"Quality matrix plan: {args.train} train / {args.val} val samples (cameras), students {args.epochs} "
           f"epochs x {args.seeds} seeds, teachers {args.teacher_epochs}, K={args.views}, maps "
-          f"{args.spatial_grid}x{args.spatial_grid}; out {args.out}")
+          f"{args.spatial_grid}x{args.spatial_grid}; out {rel(args.out)}")
     print("Estimates: 2 idle cores; sources in pipelines/quality/costs.py; 'measured' = mean wall clock of "
           "finished runs of the same class.\n")
     print(f"{'piece':<12} {'step / run':<58} {'status':<12} {'estimate':>9} {'recorded':>9}")

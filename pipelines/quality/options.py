@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from common import REPO
@@ -15,6 +16,12 @@ from matrix import PIECES, TEACHERS
 # under the plain student's 0.757, i.e. a teacher that knew less than its student; its steps cost
 # ~1.3 s, not the ~8 s the first cost model assumed (records from 466bdb9 pass `--teacher-epochs`).
 DEFAULT_TEACHER_EPOCHS = {"T1": 10, "T2": 40, "T3": 40}
+
+
+def absolute(path: str | Path) -> Path:
+    """An absolute, normalised path that keeps symlinks: a data root or store linked in from another checkout
+    stays under this repository's paths, so records and reports name it repo-relative."""
+    return Path(os.path.abspath(path))
 
 
 def parse_args(argv: list[str] | None = None, doc: str = "") -> argparse.Namespace:
@@ -90,11 +97,11 @@ def parse_args(argv: list[str] | None = None, doc: str = "") -> argparse.Namespa
         args.train, args.val, args.epochs, args.seeds, args.views = 16, 8, 1, 1, 1
         args.teacher_epochs = {k: 1 for k in TEACHERS}
         args.teacher_val_every = 1
-    args.out = Path(args.out or REPO / "work_dirs" / ("quality-quick" if args.quick else "quality")).resolve()
-    args.report_dir = Path(args.report_dir or (args.out / "report" if args.quick else REPO / "docs" / "quality")).resolve()
-    args.records = Path(args.records or args.report_dir / "records").resolve()
+    args.out = absolute(args.out or REPO / "work_dirs" / ("quality-quick" if args.quick else "quality"))
+    args.report_dir = absolute(args.report_dir or (args.out / "report" if args.quick else REPO / "docs" / "quality"))
+    args.records = absolute(args.records or args.report_dir / "records")
     tag = "quick-" if args.quick else ""
-    args.data = Path(args.data or REPO / "data" / f"quality-{tag}cam-{args.train}-{args.val}-s{args.data_seed}").resolve()
+    args.data = absolute(args.data or REPO / "data" / f"quality-{tag}cam-{args.train}-{args.val}-s{args.data_seed}")
     return args
 
 

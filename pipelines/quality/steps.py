@@ -25,7 +25,7 @@ from pathlib import Path
 
 from common import REPO, bevcache, class_ap, git_state, val_history
 from matrix import CLASSES, STUDENT_CFG, TEACHERS
-from options import iters_per_epoch
+from options import absolute, iters_per_epoch
 
 
 def signature(**parts: object) -> str:
@@ -34,13 +34,13 @@ def signature(**parts: object) -> str:
 
 def rel(path: str | Path) -> str:
     """A path as committed outputs hold it: relative to the repository when inside it."""
-    path = Path(path).resolve()
+    path = absolute(path)
     return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def record_path(args: argparse.Namespace, step_dir: Path, suffix: str = ".json") -> Path:
     """Where the record of the step working in `step_dir` (a path under --out) lives."""
-    step = Path(step_dir).resolve().relative_to(args.out)
+    step = absolute(step_dir).relative_to(args.out)
     return args.records / step.parent / (step.name.removesuffix(".zarr") + suffix)
 
 
