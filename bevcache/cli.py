@@ -116,16 +116,20 @@ def main(ctx: click.Context, verbose: bool) -> None:
                    "motorcycles then differ only in colour, a cue only cameras see (docs/synth_cameras.md).")
 @click.option("--image-size", type=(int, int), default=(384, 216), show_default=True, metavar="W H",
               help="Camera image width and height (nuScenes: 1600 900).")
+@click.option("--cue-lidar-trace", type=float, default=0.0, show_default=True, metavar="T",
+              help="With --cameras: motorcycles return T more LiDAR intensity than bicycles (relative, in [0, 0.5]), "
+                   "a weak LiDAR trace of the camera cue; 0 keeps the two LiDAR-identical.")
 @_friendly
 @_with_models
 def synth(out_dir: str, samples: int, val_samples: int | None, seed: int, sweeps: int, version: str,
-          no_gt_database: bool, cameras: bool, image_size: tuple[int, int]) -> None:
+          no_gt_database: bool, cameras: bool, image_size: tuple[int, int], cue_lidar_trace: float) -> None:
     """Write a synthetic nuScenes-format data root (points, v2 infos, nuScenes tables, gt database)."""
     from .synth import generate
 
     summary = generate(out_dir, num_train=samples, num_val=val_samples or max(samples // 4, 2), seed=seed,
                        sweeps=sweeps, progress=True, version="both" if version == "both" else f"v1.0-{version}",
-                       gt_database=not no_gt_database, cameras=cameras, image_size=(image_size[0], image_size[1]))
+                       gt_database=not no_gt_database, cameras=cameras, image_size=(image_size[0], image_size[1]),
+                       cue_lidar_trace=cue_lidar_trace)
     click.echo(json.dumps(summary, indent=2, default=str))
 
 

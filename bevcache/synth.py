@@ -21,8 +21,9 @@ With `cameras=True` it also renders the six nuScenes surround cameras (ray cast 
 ground and boxes at each key frame, z-buffered, JPEG under `samples/CAM_*/`), fills each info's
 `images` as mmdet3d 1.4's converter does and adds the camera sensor rows to the tables. Bicycles
 and motorcycles then share one LiDAR geometry and differ only in paint (blue / red): a cue only
-the camera sees (docs/synth_cameras.md). Without cameras the output is bit-identical to the
-LiDAR-only generator's.
+the camera sees (docs/synth_cameras.md). `cue_lidar_trace` gives the LiDAR a weak trace of it (a
+small return-intensity difference between the two), the case where a camera teacher can help a
+LiDAR student. Without cameras the output is bit-identical to the LiDAR-only generator's.
 """
 
 from __future__ import annotations
@@ -118,6 +119,9 @@ NEAR_PLANE = 0.05  # m: box corners closer to (or behind) a camera's image plane
 # tell them apart; only their paint does (RGB, pure hues no other class uses). docs/synth_cameras.md.
 CUE_CLASSES = ("bicycle", "motorcycle")
 CUE_GEOMETRY = dict(size=(1.95, 0.7, 1.4), vmax=7.0, p_moving=0.5, weight=0.055, intensity=27.5)
+# `cue_lidar_trace` t splits the shared intensity: bicycles return (1 - t/2), motorcycles (1 + t/2) of it.
+# Each return already scatters by 15% (one sigma), so a few percent is a trace only many points reveal.
+MAX_CUE_LIDAR_TRACE = 0.5
 # Base paint per class (RGB); non-cue classes are muted so the two cue hues stay unique to their class.
 CLASS_COLOURS = {
     "car": (140, 142, 150),
@@ -190,6 +194,7 @@ def generate(
     gt_database: bool = True,
     cameras: bool = False,
     image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE,
+    cue_lidar_trace: float = 0.0,
 ) -> dict:
     """Write a synthetic nuScenes-format dataset (points, v2 info pkls, tables of `version`:
     'v1.0-mini', 'v1.0-trainval' or 'both'; the ground-truth database) and return a summary.
@@ -197,14 +202,18 @@ def generate(
     With `cameras`, also render the six nuScenes surround cameras at `image_size` (width, height)
     as JPEGs under `samples/CAM_*/`, fill each info's `images` and add the camera rows to the
     tables; bicycles and motorcycles then share one LiDAR geometry and differ only in colour
-    (CAMERA_CUE, docs/synth_cameras.md). Without it the output is exactly that of a LiDAR-only run."""
+    (CUE_CLASSES, docs/synth_cameras.md). `cue_lidar_trace` (with cameras, in [0, 0.5]) makes
+    motorcycles return that much more LiDAR intensity than bicycles, relative to the shared mean: a weak
+    trace of the cue in the points; 0 keeps the classes LiDAR-identical. Without cameras the output is
+    exactly that of a LiDAR-only run."""
     versions = _versions(version)
     _check_counts(num_train, num_val, sweeps)
+    trace = _cue_lidar_trace(cue_lidar_trace, cameras)
     size = _image_size(image_size) if cameras else None
     out = Path(out_dir)
     _prepare_out_dir(out, versions, cameras)
 
-    specs = _specs(cue=cameras)
+    specs = _specs(cue=cameras, trace=trace)
     rig = _Rig.nuscenes(size) if size else None
     tables = _static_tables(cameras)
     summary: dict = {"out_dir": str(out), "version": versions[0], "versions": list(versions), "seed": seed,
@@ -223,14 +232,14 @@ def generate(
             n_points += _write_scene(out, tables, infos, scene, rig)
             if progress:
                 print(f"[synth] {split}: {len(infos)}/{n} samples", file=sys.stderr, flush=True)
-        summary.update(_write_infos(out, split, infos, versions[0], n, len(sizes), cameras))
+        summary.update(_write_infos(out, split, infos, versions[0], n, len(sizes), cameras, trace))
 
     _write_tables(out, tables, versions)
     summary["num_boxes"] = summary["num_train_boxes"] + summary["num_val_boxes"]
     summary["points_per_sample_mean"] = n_points / (num_train + num_val)
     if rig is not None:
         summary["cameras"] = {"channels": list(CAMERA_CHANNELS), "image_size": list(rig.image_size),
-                              "cue": _cue_record()}
+                              "cue": _cue_record(trace)}
     if gt_database:
         summary["gt_database"] = write_gt_database(out, progress=progress)
     return summary
@@ -245,6 +254,25 @@ def _check_counts(num_train: int, num_val: int, sweeps: int) -> None:
         raise ConfigError(
             f"sweeps must be in [0, {MAX_SWEEPS}] (20 Hz sweeps between 2 Hz key frames). Got {sweeps}."
         )
+
+
+def _cue_lidar_trace(trace: float, cameras: bool) -> float:
+    """The cue's LiDAR trace as a float; it only means something where the cameras carry the cue."""
+    try:
+        value = float(trace)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not 0.0 <= value <= MAX_CUE_LIDAR_TRACE:  # NaN fails too
+        raise ConfigError(
+            f"cue_lidar_trace must be a number in [0, {MAX_CUE_LIDAR_TRACE}] (the relative LiDAR intensity "
+            f"difference between motorcycles and bicycles; 0: none). Got {trace!r}."
+        )
+    if value and not cameras:
+        raise ConfigError(
+            f"cue_lidar_trace={value} needs cameras=True (`bevcache synth --cameras`): without cameras the cue "
+            "classes keep their own LiDAR geometry and there is no camera cue to trace."
+        )
+    return value
 
 
 def _image_size(image_size: tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -289,7 +317,7 @@ def _prepare_out_dir(out: Path, versions: tuple[str, ...], cameras: bool) -> Non
 
 
 def _write_infos(out: Path, split: str, infos: list[dict], version: str, n: int, n_scenes: int,
-                 cameras: bool) -> dict:
+                 cameras: bool, trace: float) -> dict:
     """Write one split's v2 info pkl; return its part of the summary."""
     metainfo = {
         "categories": {c: i for i, c in enumerate(CLASSES)},
@@ -298,7 +326,7 @@ def _write_infos(out: Path, split: str, infos: list[dict], version: str, n: int,
         "info_version": "1.1",
     }
     if cameras:  # mmengine keeps unknown metainfo keys: a reader can tell which classes the camera separates
-        metainfo["synth_camera_cue"] = _cue_record()
+        metainfo["synth_camera_cue"] = _cue_record(trace)
     pkl = out / f"nuscenes_infos_{split}.pkl"
     with open(pkl, "wb") as f:
         pickle.dump({"metainfo": metainfo, "data_list": infos}, f, protocol=4)
@@ -852,21 +880,33 @@ def _add_sensor_chains(tables: dict, scene: _Scene, chains: list[list[dict]]) ->
     )
 
 
-def _specs(cue: bool) -> tuple[_ClassSpec, ...]:
-    """The class specs; with the camera cue, the cue classes take one shared LiDAR geometry."""
+def _specs(cue: bool, trace: float = 0.0) -> tuple[_ClassSpec, ...]:
+    """The class specs; with the camera cue, the cue classes take one shared LiDAR geometry, their
+    intensities split by `trace` (0: identical)."""
     if not cue:
         return _SPECS
-    return tuple(replace(s, **CUE_GEOMETRY) if c in CUE_CLASSES else s  # type: ignore[arg-type]
-                 for c, s in zip(CLASSES, _SPECS, strict=True))
+    intensity = _cue_intensities(trace)
+    return tuple(replace(s, **{**CUE_GEOMETRY, "intensity": intensity[c]})  # type: ignore[arg-type]
+                 if c in CUE_CLASSES else s for c, s in zip(CLASSES, _SPECS, strict=True))
 
 
-def _cue_record() -> dict:
-    """The cue as recorded in the summary and the info pkls' metainfo."""
-    return {
+def _cue_intensities(trace: float) -> dict[str, float]:
+    shared = CUE_GEOMETRY["intensity"]
+    bicycle, motorcycle = CUE_CLASSES
+    return {bicycle: shared * (1.0 - trace / 2), motorcycle: shared * (1.0 + trace / 2)}
+
+
+def _cue_record(trace: float = 0.0) -> dict:
+    """The cue as recorded in the summary and the info pkls' metainfo (the trace only where there is one,
+    so data without it keep their bytes)."""
+    record = {
         "classes": list(CUE_CLASSES),
         "colours_rgb": {c: list(CLASS_COLOURS[c]) for c in CUE_CLASSES},
         "shared_lidar_geometry": {k: list(v) if isinstance(v, tuple) else v for k, v in CUE_GEOMETRY.items()},
     }
+    if trace:
+        record["lidar_trace"] = {"relative_intensity_difference": trace, "intensity": _cue_intensities(trace)}
+    return record
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,12 @@ def test_synth_command_writes_a_data_root(tmp_path):
     assert json.loads(result.output[result.output.index("{"):])
 
 
+def test_synth_refuses_a_cue_trace_without_cameras(tmp_path):
+    result = run("synth", str(tmp_path / "d"), "--samples", "2", "--cue-lidar-trace", "0.1")
+    assert result.exit_code == 1 and "--cameras" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "d").exists()
+
+
 def test_cfg_options_follow_mmengine_and_take_dict_literals_whole():
     from bevcache.runtime import parse_cfg_options
 

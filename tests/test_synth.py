@@ -524,7 +524,7 @@ def test_cameras_draw_no_lidar_randomness(tmp_path, cam_data, monkeypatch):
     """With cameras only the cue's shared geometry changes the LiDAR: a LiDAR-only run given the same
     class specs writes bit-identical points, boxes and counts."""
     cue_specs = synth._specs(cue=True)
-    monkeypatch.setattr(synth, "_specs", lambda cue: cue_specs)
+    monkeypatch.setattr(synth, "_specs", lambda cue, trace=0.0: cue_specs)
     synth.generate(tmp_path / "lidar", num_train=4, num_val=2, seed=5, gt_database=False)
     with_cams, lidar_only = _tree_digest(cam_data[0]), _tree_digest(tmp_path / "lidar")
     points = {k: v for k, v in with_cams.items() if k.endswith(".pcd.bin")}
@@ -534,6 +534,20 @@ def test_cameras_draw_no_lidar_randomness(tmp_path, cam_data, monkeypatch):
             assert a["instances"] == b["instances"] and a["token"] == b["token"]
 
 
+def _cue_scene(specs):
+    """One scanned frame with cue objects, and the same frame with every cue object relabelled as the other
+    cue class (same boxes, same random draws)."""
+    scene = synth._simulate_scene(seed=2, split="train", split_id=0, scene_idx=0, name="scene-0061", n_samples=1,
+                                  sweeps=0, specs=specs)
+    swap = {synth.CLASSES.index(a): synth.CLASSES.index(b) for a, b in (synth.CUE_CLASSES, synth.CUE_CLASSES[::-1])}
+    swapped = [synth._Object(swap.get(o.label, o.label), o.lwh, o.p0, o.vel, o.yaw) for o in scene.objects]
+    boxes = synth._boxes_at(scene.objects, 0.0)
+    cue_boxes = np.array([o.label in swap for o in scene.objects])
+    assert cue_boxes.any()
+    return (synth._scan(boxes, scene.objects, np.random.default_rng(0), specs),
+            synth._scan(boxes, swapped, np.random.default_rng(0), specs), cue_boxes)
+
+
 def test_cue_classes_look_identical_to_the_lidar():
     specs = synth._specs(cue=True)
     bike, moto = (specs[synth.CLASSES.index(c)] for c in synth.CUE_CLASSES)
@@ -541,17 +555,64 @@ def test_cue_classes_look_identical_to_the_lidar():
     assert all(getattr(bike, f) == getattr(moto, f) for f in lidar_fields)
     assert synth.CLASS_COLOURS["bicycle"] != synth.CLASS_COLOURS["motorcycle"]
     # Relabelling every cue object as the other cue class leaves the scan bit-identical (points, intensity, ring).
-    scene = synth._simulate_scene(seed=2, split="train", split_id=0, scene_idx=0, name="scene-0061", n_samples=1,
-                                  sweeps=0, specs=specs)
-    swap = {synth.CLASSES.index(a): synth.CLASSES.index(b) for a, b in (synth.CUE_CLASSES, synth.CUE_CLASSES[::-1])}
-    swapped = [synth._Object(swap.get(o.label, o.label), o.lwh, o.p0, o.vel, o.yaw) for o in scene.objects]
-    assert any(o.label in swap for o in scene.objects)
-    boxes = synth._boxes_at(scene.objects, 0.0)
-    pts, counts = synth._scan(boxes, scene.objects, np.random.default_rng(0), specs)
-    pts_b, counts_b = synth._scan(boxes, swapped, np.random.default_rng(0), specs)
+    (pts, counts), (pts_b, counts_b), _ = _cue_scene(specs)
     assert np.array_equal(pts, pts_b) and np.array_equal(counts, counts_b)
     # Without cameras the classes keep their own sizes (the LiDAR-only data are unchanged).
     assert synth._specs(cue=False) == synth._SPECS and synth._SPECS[5].size != synth._SPECS[6].size
+
+
+def test_cue_lidar_trace_splits_only_the_cue_classes_return_intensity():
+    """With a trace the cue classes still share every other LiDAR property; relabelling a cue object as the
+    other cue class changes nothing but the intensity of its own returns, by the trace's ratio."""
+    trace = 0.1
+    specs = synth._specs(cue=True, trace=trace)
+    bike, moto = (specs[synth.CLASSES.index(c)] for c in synth.CUE_CLASSES)
+    shared = ("size", "vmax", "p_moving", "weight", "eval_range", "moving_attr", "static_attr")
+    assert all(getattr(bike, f) == getattr(moto, f) for f in shared)
+    ratio = (1 + trace / 2) / (1 - trace / 2)
+    assert moto.intensity / bike.intensity == pytest.approx(ratio)
+    assert (bike.intensity + moto.intensity) / 2 == pytest.approx(synth.CUE_GEOMETRY["intensity"])
+    assert synth._specs(cue=True, trace=0.0) == synth._specs(cue=True)  # no trace: the LiDAR-identical cue
+    assert all(a == b for a, b, c in zip(specs, synth._specs(cue=True), synth.CLASSES, strict=True)
+               if c not in synth.CUE_CLASSES)
+
+    (pts, counts), (pts_b, counts_b), cue_boxes = _cue_scene(specs)
+    assert np.array_equal(counts, counts_b) and np.array_equal(pts[:, [0, 1, 2, 4]], pts_b[:, [0, 1, 2, 4]])
+    changed = pts[:, 3] != pts_b[:, 3]
+    assert changed.sum() == counts[cue_boxes].sum() > 0  # exactly the cue objects' returns
+    scale = pts_b[changed, 3] / pts[changed, 3]
+    assert np.all(np.isclose(scale, ratio, rtol=1e-5) | np.isclose(scale, 1 / ratio, rtol=1e-5))
+
+
+def test_cue_lidar_trace_end_to_end_changes_only_point_intensities(tmp_path, cam_data):
+    out = tmp_path / "trace"
+    summary = synth.generate(out, num_train=4, num_val=2, seed=5, cameras=True, gt_database=False,
+                             cue_lidar_trace=0.2)
+    recorded = summary["cameras"]["cue"]["lidar_trace"]
+    assert recorded["relative_intensity_difference"] == 0.2
+    assert "lidar_trace" not in cam_data[1]["cameras"]["cue"]  # the default writes what it always wrote
+    with open(out / "nuscenes_infos_train.pkl", "rb") as f:
+        assert pickle.load(f)["metainfo"]["synth_camera_cue"] == summary["cameras"]["cue"]
+    traced, plain = _tree_digest(out), _tree_digest(cam_data[0])
+    assert {k: v for k, v in traced.items() if k.endswith(".jpg")} == {k: v for k, v in plain.items()
+                                                                      if k.endswith(".jpg")}
+    for split in ("train", "val"):
+        for a, b in zip(_infos(out, split), _infos(cam_data[0], split), strict=True):
+            assert a["instances"] == b["instances"]
+            pa, pb = _points(out, a), _points(cam_data[0], b)
+            assert np.array_equal(pa[:, [0, 1, 2, 4]], pb[:, [0, 1, 2, 4]])
+    assert any(not np.array_equal(_points(out, a)[:, 3], _points(cam_data[0], b)[:, 3])
+               for a, b in zip(_infos(out, "train"), _infos(cam_data[0], "train"), strict=True))
+
+
+@pytest.mark.parametrize("trace, cameras, message", [
+    (0.1, False, "needs cameras=True"), (-0.1, True, r"\[0, 0.5\]"), (0.6, True, r"\[0, 0.5\]"),
+    (float("nan"), True, r"\[0, 0.5\]"), ("x", True, r"\[0, 0.5\]"),
+])
+def test_rejects_a_bad_cue_lidar_trace(tmp_path, trace, cameras, message):
+    with pytest.raises(ConfigError, match=message):
+        synth.generate(tmp_path / "r", num_train=1, num_val=1, cameras=cameras, cue_lidar_trace=trace)
+    assert not (tmp_path / "r").exists()  # refused before writing anything
 
 
 def test_camera_infos_have_the_real_fixtures_keys_and_consistent_matrices(cam_data):
