@@ -172,6 +172,10 @@ def teacher_section(args: argparse.Namespace, key: str, t: dict, runs: dict[str,
             answers[f"{kind}_vs_plain"] = c
             wins.append(verdict(c) == "beats it beyond 2 SE")
             md.append(f"- {KIND_LABELS[kind]} − plain: {diff_text(c)}: **{verdict(c)}**.")
+    if runs.get(names["online"]) and runs.get("plain"):  # not the question, but a reader needs it beside the answer
+        c = compare(runs["plain"], runs[names["online"]])
+        answers["online_vs_plain"] = c
+        md.append(f"- For comparison, {KIND_LABELS['online']} − plain: {diff_text(c)}: {verdict(c)}.")
     md += ["", "**Is cached within noise of online?**"]
     if mirror and runs.get(names["online"]) and runs.get(names[mirror]):
         c = compare(runs[names["online"]], runs[names[mirror]])
@@ -307,7 +311,9 @@ def write_report(args: argparse.Namespace, teachers: dict, runs: dict[str, list[
              "([spatial_tuning.md](spatial_tuning.md))." if tuning and tuning.get("chosen") else "not tuned yet.")
           + f" Device: {device}.", "",
           "Deltas are seed-paired (same seed, same data order): Δ ± the standard error of the paired "
-          "differences; 'beats' means Δ > 2 SE.", ""]
+          "differences; 'beats' means Δ > 2 SE. With 3 seeds the SE rests on 2 degrees of freedom: 2 SE is a "
+          "loose bar (a two-sided t-test at 5% needs 4.3 SE), and among this many comparisons one can pass it "
+          "by chance.", ""]
     answers = {}
     for key in TEACHERS:
         section, answers[key] = teacher_section(args, key, teachers.get(key) or {}, runs, tuning, ledger, references)
