@@ -118,7 +118,8 @@ NEAR_PLANE = 0.05  # m: box corners closer to (or behind) a camera's image plane
 # distribution, speeds, frequency, return intensity, metric range, attributes), so points cannot
 # tell them apart; only their paint does (RGB, pure hues no other class uses). docs/synth_cameras.md.
 CUE_CLASSES = ("bicycle", "motorcycle")
-CUE_GEOMETRY = dict(size=(1.95, 0.7, 1.4), vmax=7.0, p_moving=0.5, weight=0.055, intensity=27.5)
+CUE_INTENSITY = 27.5
+CUE_GEOMETRY = dict(size=(1.95, 0.7, 1.4), vmax=7.0, p_moving=0.5, weight=0.055, intensity=CUE_INTENSITY)
 # `cue_lidar_trace` t splits the shared intensity: bicycles return (1 - t/2), motorcycles (1 + t/2) of it.
 # Each return already scatters by 15% (one sigma), so a few percent is a trace only many points reveal.
 MAX_CUE_LIDAR_TRACE = 0.5
@@ -891,7 +892,7 @@ def _specs(cue: bool, trace: float = 0.0) -> tuple[_ClassSpec, ...]:
 
 
 def _cue_intensities(trace: float) -> dict[str, float]:
-    shared = CUE_GEOMETRY["intensity"]
+    shared = CUE_INTENSITY
     bicycle, motorcycle = CUE_CLASSES
     return {bicycle: shared * (1.0 - trace / 2), motorcycle: shared * (1.0 + trace / 2)}
 
