@@ -103,10 +103,14 @@ def child(args) -> None:
                         teacher_online=args.teacher if args.child == "online" else None,
                         teacher_checkpoint=args.checkpoint if args.child == "online" else None)
     cfg = build_train_config(opts)
-    nce_k = cfg.model.get("nce_k") if cfg.model.get("type") == "CRDDistiller" else None
     cfg = _short_run(cfg, Path(args.work) / "runs" / args.child, args.warmup + args.iters,
                      batch_size=args.batch_size, workers=args.workers, seed=args.seed)
     runner = Runner.from_cfg(cfg)
+    from bevcache.crd import CRDLoss
+
+    # The negatives each step draws: CRDDistiller clamps the config's nce_k below the store's row count.
+    nce_ks = {m.nce_k for m in runner.model.modules() if isinstance(m, CRDLoss)}
+    nce_k = max(nce_ks) if nce_ks else None
     start = StepStart()
     end = StepEnd(start)
     runner.register_hook(start, priority="LOWEST")  # its before_train_iter runs after every other hook's
@@ -273,8 +277,8 @@ def main() -> None:
         if r:
             target = "  (target <= 1.05: " + ("met" if r["of_medians"] <= 1.05 else "NOT met") + ")" if key == "cached/plain" else ""
             print(f"- {key}: {r['of_medians']:.3f} (per repetition {r['min']:.3f}..{r['max']:.3f}){target}")
-    print("- n_data is the synthetic set's size, so nce_k is clamped to n_data - 1; "
-          "bench_crd.py measures CRD at nce_k 16384 and real dataset sizes.")
+    print("- nce_k is the negatives drawn per step: n_data is the synthetic set's size, so the config's value is "
+          "clamped to n_data - 1; bench_crd.py measures CRD at nce_k 16384 and real dataset sizes.")
     write_result(NAME, args, {"variants": summary, "ratios": ratios, "runs": runs,
                               "profile": str(profile_path) if profile_path else None}, mach)
 
