@@ -33,11 +33,13 @@ bench: setup
 # The quality matrix (issue 18) in resumable pieces of under 2 h on 2 cores: each call runs the next
 # unfinished piece (PIECE=all: every piece, ~18 h on the faster of the 2-core machines seen so far;
 # PIECE=report: only the report), then rewrites docs/quality/report.md.
-# `$(PY) pipelines/quality/run.py --plan` lists every run, its cost, what is done.
+# `$(PY) pipelines/quality/run.py --plan` lists every run, its cost, what is done. QUALITY_ARGS go to
+# both calls, e.g. QUALITY_ARGS="--cue-lidar-trace 0.1": the next experiment, in docs/quality-cue-trace-0.1/.
 PIECE ?= next
+QUALITY_ARGS ?=
 quality: setup
-	$(PY) pipelines/quality/run.py --plan
-	$(PY) pipelines/quality/run.py --piece $(PIECE)
+	$(PY) pipelines/quality/run.py --plan $(QUALITY_ARGS)
+	$(PY) pipelines/quality/run.py --piece $(PIECE) $(QUALITY_ARGS)
 
 lint: setup
 	$(PY) -m ruff check bevcache bevcache_cli.py tests pipelines benchmarks

@@ -28,9 +28,9 @@ def quality(tmp_path, *args: str) -> subprocess.CompletedProcess:
     return proc
 
 
-def plan_status(tmp_path) -> dict[str, str]:
+def plan_status(tmp_path, *args: str) -> dict[str, str]:
     """--plan's status per teacher-T1 step ('train ...' / 'extract ...'): its fixed-width column."""
-    out = quality(tmp_path, "--plan").stdout
+    out = quality(tmp_path, "--plan", *args).stdout
     return {line.split()[1]: line[72:84].strip() for line in out.splitlines() if line.startswith("teacher-T1 ")}
 
 
@@ -80,6 +80,24 @@ def test_a_fresh_clone_resumes_from_the_records_and_rebuilds_the_store(recorded)
     for name in before:
         np.testing.assert_array_equal(after[name], before[name], err_msg=name)
     assert record.read_text() == recorded_text, "the first extraction's record was rewritten"
+
+
+def test_a_cue_lidar_trace_is_another_experiment_and_needs_its_own_data(recorded, tmp_path):
+    """`--cue-lidar-trace T` enters every step's signature, so the camera-only records are not taken
+    for it (nor touched), and a data root made without that trace is refused before anything runs."""
+    assert plan_status(recorded) == {"train": "done", "extract": "done"}
+    assert plan_status(recorded, "--cue-lidar-trace", "0.1") == {"train": "todo", "extract": "todo"}
+    records_before = sorted(p.relative_to(recorded) for p in (recorded / "records").rglob("*"))
+
+    cmd = [sys.executable, str(RUN), "--quick", "--out", str(tmp_path / "out"), "--records", str(recorded / "records"),
+           "--report-dir", str(tmp_path / "report"), "--data", str(recorded / "data"), "--cue-lidar-trace", "0.1",
+           "--piece", "teacher-T1"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "cue LiDAR trace 0" in proc.stderr and "--cue-lidar-trace 0.1" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "teachers").exists(), "a teacher trained on the wrong data"
+    assert sorted(p.relative_to(recorded) for p in (recorded / "records").rglob("*")) == records_before
 
 
 @pytest.mark.parametrize("weights", ["missing", "another schedule's"])

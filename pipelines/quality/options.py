@@ -40,6 +40,11 @@ def parse_args(argv: list[str] | None = None, doc: str = "") -> argparse.Namespa
     p.add_argument("--train", type=int, default=160, help="Synthetic training samples (= CRD n_data).")
     p.add_argument("--val", type=int, default=40, help="Synthetic validation samples.")
     p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--cue-lidar-trace", type=float, default=0.0,
+                   help="Give the camera cue a weak LiDAR trace (`bevcache synth --cue-lidar-trace`: the cycles' "
+                        "return intensity split by T, in [0, 0.5]) [default 0: the cue is camera-only]. T > 0 is "
+                        "another experiment: its data, work dir and report (with records) get their own default "
+                        "places, so the camera-only matrix's records stay as they are.")
     p.add_argument("--epochs", type=int, default=20, help="Student epochs, a validation after each (the curve).")
     p.add_argument("--teacher-epochs", default=",".join(f"{k}={v}" for k, v in DEFAULT_TEACHER_EPOCHS.items()),
                    help="Epochs per teacher, e.g. T1=10,T2=40,T3=40 (a validation every --teacher-val-every).")
@@ -89,6 +94,8 @@ def parse_args(argv: list[str] | None = None, doc: str = "") -> argparse.Namespa
         p.error(f"--piece must be next, all, report, reference or one of {', '.join(PIECES)}")
     if args.reference_epochs < 1:
         p.error("--reference-epochs must be >= 1")
+    if not 0.0 <= args.cue_lidar_trace <= 0.5:  # bevcache.synth.MAX_CUE_LIDAR_TRACE (not imported: it pulls torch)
+        p.error("--cue-lidar-trace must be in [0, 0.5]")
     if args.views is None:
         args.views = args.epochs
     if args.views < 1:
@@ -97,11 +104,12 @@ def parse_args(argv: list[str] | None = None, doc: str = "") -> argparse.Namespa
         args.train, args.val, args.epochs, args.seeds, args.views = 16, 8, 1, 1, 1
         args.teacher_epochs = {k: 1 for k in TEACHERS}
         args.teacher_val_every = 1
-    args.out = absolute(args.out or REPO / "work_dirs" / ("quality-quick" if args.quick else "quality"))
-    args.report_dir = absolute(args.report_dir or (args.out / "report" if args.quick else REPO / "docs" / "quality"))
+    trace = f"-cue-trace-{args.cue_lidar_trace:g}" if args.cue_lidar_trace else ""
+    args.out = absolute(args.out or REPO / "work_dirs" / (("quality-quick" if args.quick else "quality") + trace))
+    args.report_dir = absolute(args.report_dir or (args.out / "report" if args.quick else REPO / "docs" / f"quality{trace}"))
     args.records = absolute(args.records or args.report_dir / "records")
     tag = "quick-" if args.quick else ""
-    args.data = absolute(args.data or REPO / "data" / f"quality-{tag}cam-{args.train}-{args.val}-s{args.data_seed}")
+    args.data = absolute(args.data or REPO / "data" / f"quality-{tag}cam-{args.train}-{args.val}-s{args.data_seed}{trace}")
     return args
 
 

@@ -188,16 +188,23 @@ def teacher_section(args: argparse.Namespace, key: str, t: dict, runs: dict[str,
     md += ["", "**What does each cost per epoch?**", *cost_lines(ledger, runs, names, trec, srec, references, teacher=key)]
     if not any(wins):
         heading = "No cached variant wins: the ablations." if wins else "The ablations so far (no comparison finished yet)."
-        md += ["", f"**{heading}**", ""] + ablations(key, trec, agg, tuning)
+        md += ["", f"**{heading}**", ""] + ablations(args, key, trec, agg, tuning)
     answers["aggregate"] = agg
     answers["seconds_per_epoch_by_machine"] = {k: seconds_per_epoch_by_machine(ledger, runs[v])
                                                for k, v in names.items() if runs.get(v)}
     return md + [""], answers
 
 
-def ablations(key: str, trec: dict, agg: dict, tuning: dict | None) -> list[str]:
-    md = ["Teacher − student gap on the cue classes (AP; bicycle and motorcycle differ only in colour, so a "
-          "LiDAR-only model can only guess between them):", ""]
+def cue_text(trace: float) -> str:
+    """How the cue classes differ in this data (`bevcache synth --cue-lidar-trace`)."""
+    if not trace:
+        return "bicycle and motorcycle differ only in colour, so a LiDAR-only model can only guess between them"
+    return (f"bicycle and motorcycle differ plainly in colour and weakly in the LiDAR: their return intensities "
+            f"differ by {trace:.0%} of the shared one, a trace a LiDAR model can learn to read")
+
+
+def ablations(args: argparse.Namespace, key: str, trec: dict, agg: dict, tuning: dict | None) -> list[str]:
+    md = [f"Teacher − student gap on the cue classes (AP; {cue_text(args.cue_lidar_trace)}):", ""]
     md += ["| model | " + " | ".join(CUE) + " |", "|---|" + "---|" * len(CUE)]
     md.append(f"| teacher {key} | " + " | ".join(f"{trec['class_ap'][c]:.4f}" for c in CUE) + " |")
     for kind, a in agg.items():
@@ -299,8 +306,9 @@ def write_report(args: argparse.Namespace, teachers: dict, runs: dict[str, list[
     md = ["# bevcache quality report: does distillation beat the plain student?"
           + (" (QUICK SMOKE RUN: not a result)" if args.quick else ""), "", *prov, "",
           *([f"**Partial: {partial} not finished yet** (see the plan at the end).", ""] if partial else []),
-          f"Synthetic nuScenes-format data with cameras (`bevcache synth --cameras`; bicycle and motorcycle "
-          f"identical to the LiDAR, told apart only by colour): {args.train} train / {args.val} val samples "
+          f"Synthetic nuScenes-format data with cameras (`bevcache synth --cameras"
+          f"{f' --cue-lidar-trace {args.cue_lidar_trace:g}' if args.cue_lidar_trace else ''}`; "
+          f"{cue_text(args.cue_lidar_trace)}): {args.train} train / {args.val} val samples "
           f"(data seed {args.data_seed}). Student `{STUDENT_CFG}` (tiny pillar, pts_neck 256, the teachers' "
           f"augmentation) trained {args.epochs} epochs with a validation after each, {args.seeds} seeds "
           f"(`randomness.seed` 0..{args.seeds - 1}); teachers {args.teacher_epochs} epochs. Cached variants "

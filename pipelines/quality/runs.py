@@ -8,6 +8,7 @@ from pathlib import Path
 
 from matrix import CACHED, Run
 from steps import (
+    data_parts,
     finished_run,
     schedule_options,
     signature,
@@ -51,8 +52,7 @@ def run_sig(args: argparse.Namespace, run: Run, spatial: dict | None, mirror: st
     elif run.kind == "online":
         upstream = teacher_sig(args, run.teacher)
     return signature(step="student", kind=run.kind, mirror=mirror, seed=run.seed, epochs=args.epochs,
-                     batch=args.batch_size, train=args.train, val=args.val, data_seed=args.data_seed,
-                     upstream=upstream, spatial=spatial if uses_spatial else None,
+                     batch=args.batch_size, **data_parts(args), upstream=upstream, spatial=spatial if uses_spatial else None,
                      augmentation="keep" if run.kind == "online" else "auto")
 
 

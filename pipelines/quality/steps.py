@@ -86,23 +86,40 @@ def code_commit() -> dict:
 # Data
 
 
+def data_parts(args: argparse.Namespace) -> dict:
+    """What the data adds to every step's signature. The cue's LiDAR trace only where there is one, so
+    the camera-only matrix's recorded signatures stay valid."""
+    parts: dict = dict(train=args.train, val=args.val, data_seed=args.data_seed)
+    if args.cue_lidar_trace:
+        parts["cue_lidar_trace"] = args.cue_lidar_trace
+    return parts
+
+
 def ensure_data(args: argparse.Namespace) -> None:
-    """The synthetic root with cameras, made once; an existing one must be a camera root of these sizes."""
+    """The synthetic root with cameras, made once; an existing one must be a camera root of these sizes
+    and this cue trace."""
     if (args.data / "nuscenes_infos_val.pkl").is_file():
-        counts, cameras = {}, True
+        counts, cameras, traces = {}, True, set()
         for split in ("train", "val"):
             with open(args.data / f"nuscenes_infos_{split}.pkl", "rb") as fh:
-                infos = pickle.load(fh)["data_list"]
-            counts[split] = len(infos)
-            cameras &= all(info.get("images") for info in infos)
+                infos = pickle.load(fh)
+            counts[split] = len(infos["data_list"])
+            cameras &= all(info.get("images") for info in infos["data_list"])
+            cue = infos.get("metainfo", {}).get("synth_camera_cue") or {}
+            traces.add((cue.get("lidar_trace") or {}).get("relative_intensity_difference", 0.0))
         if counts != {"train": args.train, "val": args.val} or not cameras:
             sys.exit(f"{rel(args.data)} holds {counts} samples{'' if cameras else ' without cameras'}; the recipe "
                      f"wants {args.train} / {args.val} with cameras. Delete it or pass --data.")
+        if traces != {args.cue_lidar_trace}:
+            sys.exit(f"{rel(args.data)} was made with cue LiDAR trace {', '.join(f'{t:g}' for t in sorted(traces))}; "
+                     f"the recipe wants --cue-lidar-trace {args.cue_lidar_trace:g}. Pass the --data that has it, "
+                     f"or delete {rel(args.data)} to make it again.")
         return
     if args.data.exists():
         shutil.rmtree(args.data)  # an interrupted synth
-    bevcache("synth", str(args.data), "--cameras", "--samples", str(args.train), "--val-samples", str(args.val),
-             "--seed", str(args.data_seed), log_file=args.out / "logs" / "synth.log")
+    trace = ("--cue-lidar-trace", f"{args.cue_lidar_trace!r}") if args.cue_lidar_trace else ()
+    bevcache("synth", str(args.data), "--cameras", *trace, "--samples", str(args.train), "--val-samples",
+             str(args.val), "--seed", str(args.data_seed), log_file=args.out / "logs" / "synth.log")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,8 +201,8 @@ def train_run(args: argparse.Namespace, work_dir: Path, sig: str, train_args: li
 
 
 def teacher_sig(args: argparse.Namespace, key: str) -> str:
-    return signature(step="teacher", teacher=key, config=TEACHERS[key].config, train=args.train, val=args.val,
-                     data_seed=args.data_seed, epochs=args.teacher_epochs[key], batch=args.batch_size,
+    return signature(step="teacher", teacher=key, config=TEACHERS[key].config, **data_parts(args),
+                     epochs=args.teacher_epochs[key], batch=args.batch_size,
                      val_every=args.teacher_val_every, cameras=True)
 
 
