@@ -20,10 +20,16 @@ from .conftest import REPO
 RUN = REPO / "pipelines" / "quality" / "run.py"
 
 
+def recipe(tmp_path, *args: str, records=None, data=None) -> subprocess.CompletedProcess:
+    """The quick recipe with its work dir and report under tmp_path (records and data there too, unless given)."""
+    cmd = [sys.executable, str(RUN), "--quick", "--out", str(tmp_path / "out"),
+           "--records", str(records or tmp_path / "records"), "--report-dir", str(tmp_path / "report"),
+           "--data", str(data or tmp_path / "data"), *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+
+
 def quality(tmp_path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(RUN), "--quick", "--out", str(tmp_path / "out"), "--records", str(tmp_path / "records"),
-           "--report-dir", str(tmp_path / "report"), "--data", str(tmp_path / "data"), *args]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    proc = recipe(tmp_path, *args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -89,10 +95,8 @@ def test_a_cue_lidar_trace_is_another_experiment_and_needs_its_own_data(recorded
     assert plan_status(recorded, "--cue-lidar-trace", "0.1") == {"train": "todo", "extract": "todo"}
     records_before = sorted(p.relative_to(recorded) for p in (recorded / "records").rglob("*"))
 
-    cmd = [sys.executable, str(RUN), "--quick", "--out", str(tmp_path / "out"), "--records", str(recorded / "records"),
-           "--report-dir", str(tmp_path / "report"), "--data", str(recorded / "data"), "--cue-lidar-trace", "0.1",
-           "--piece", "teacher-T1"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    proc = recipe(tmp_path, "--cue-lidar-trace", "0.1", "--piece", "teacher-T1",
+                  records=recorded / "records", data=recorded / "data")
     assert proc.returncode != 0
     assert "cue LiDAR trace 0" in proc.stderr and "--cue-lidar-trace 0.1" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -114,9 +118,7 @@ def test_a_record_without_its_weights_is_refused(recorded, tmp_path, weights):
     else:
         ckpt = load_checkpoint_file(published)
         save_checkpoint({**ckpt, "meta": {**ckpt["meta"], "signature": "0123456789abcdef"}}, str(published))
-    cmd = [sys.executable, str(RUN), "--quick", "--out", str(tmp_path / "out"), "--records", str(tmp_path / "records"),
-           "--report-dir", str(tmp_path / "report"), "--data", str(recorded / "data"), "--piece", "teacher-T1"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    proc = recipe(tmp_path, "--piece", "teacher-T1", data=recorded / "data")
     assert proc.returncode != 0
     assert "weights" in proc.stderr and "T1.pth" in proc.stderr and "Traceback" not in proc.stderr
 

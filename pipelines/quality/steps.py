@@ -103,8 +103,9 @@ def ensure_data(args: argparse.Namespace) -> None:
         for split in ("train", "val"):
             with open(args.data / f"nuscenes_infos_{split}.pkl", "rb") as fh:
                 infos = pickle.load(fh)
-            counts[split] = len(infos["data_list"])
-            cameras &= all(info.get("images") for info in infos["data_list"])
+            samples = infos["data_list"]
+            counts[split] = len(samples)
+            cameras &= all(info.get("images") for info in samples)
             cue = infos.get("metainfo", {}).get("synth_camera_cue") or {}
             traces.add((cue.get("lidar_trace") or {}).get("relative_intensity_difference", 0.0))
         if counts != {"train": args.train, "val": args.val} or not cameras:
